@@ -1,0 +1,95 @@
+"""Pure-PyTorch reference for the depthwise causal conv1d used in Mamba2 blocks.
+
+The layout is channels-last (``[B, L, C]``), matching the ``xBC`` tensor of a Mamba2 layer before it is
+split into ``x``, ``B`` and ``C``. Packed sequences are supported through ``seq_idx``: a tap only reads
+tokens that carry the same sequence id as the output token, so nothing leaks across packed boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["causal_conv1d_ref"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half types accumulate in float32; float64 stays float64 so tests can check at fp64 rounding.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _shift_right(t: Tensor, shift: int, fill: Tensor | float) -> Tensor:
+    """Shift ``t`` right by ``shift`` positions along dim 1, filling the vacated front.
+
+    Args:
+        t: ``[B, L, ...]``.
+        shift: number of positions, ``0 <= shift < L``.
+        fill: value (or ``[B, 1, ...]`` tensor broadcastable to the front block) placed in the first
+            ``shift`` positions.
+
+    Returns:
+        ``[B, L, ...]`` with ``out[:, i] = t[:, i - shift]`` for ``i >= shift``.
+    """
+    if shift == 0:
+        return t
+    front_shape = (t.shape[0], shift, *t.shape[2:])
+    front = fill.expand(front_shape) if isinstance(fill, Tensor) else t.new_full(front_shape, fill)
+    return torch.cat([front, t[:, : t.shape[1] - shift]], dim=1)
+
+
+def causal_conv1d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    activation: str | None = "silu",
+) -> Tensor:
+    """Depthwise causal 1D convolution over the sequence dimension.
+
+    ``out[b, t, c] = act(bias[c] + sum_k weight[c, k] * x[b, t - (K - 1) + k, c])`` where tokens before
+    position 0, and tokens whose ``seq_idx`` differs from ``seq_idx[b, t]``, read as zero.
+
+    Args:
+        x: ``[B, L, C]`` input, channels last.
+        weight: ``[C, K]`` depthwise filter; tap ``K - 1`` multiplies the current token.
+        bias: ``[C]`` or None.
+        seq_idx: ``[B, L]`` integer sequence ids of packed sequences (non-decreasing), or None.
+        activation: ``"silu"`` (alias ``"swish"``) or None.
+
+    Returns:
+        ``[B, L, C]`` in ``x.dtype`` (computed in float32 for half types, float64 for float64).
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, L, C], got shape {tuple(x.shape)}")
+    batch, seqlen, channels = x.shape
+    if weight.dim() != 2 or weight.shape[0] != channels:
+        raise ValueError(f"weight must be [C={channels}, K], got shape {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (channels,):
+        raise ValueError(f"bias must be [C={channels}], got shape {tuple(bias.shape)}")
+    if seq_idx is not None and seq_idx.shape != (batch, seqlen):
+        raise ValueError(f"seq_idx must be [B={batch}, L={seqlen}], got shape {tuple(seq_idx.shape)}")
+    width = weight.shape[1]
+
+    cdtype = _compute_dtype(x.dtype)
+    xc = x.to(cdtype)
+    wc = weight.to(cdtype)
+
+    out = xc * wc[:, width - 1]  # current-token tap, never masked
+    for k in range(width - 1):
+        shift = width - 1 - k
+        if shift >= seqlen:
+            continue  # this tap only ever reads the zero left padding
+        tap = _shift_right(xc, shift, 0.0)
+        if seq_idx is not None:
+            # The fill value is irrelevant: the shifted x is already zero there.
+            prev_ids = _shift_right(seq_idx, shift, seq_idx[:, :1])
+            tap = tap * (prev_ids == seq_idx).unsqueeze(-1).to(cdtype)
+        out = out + tap * wc[:, k]
+    if bias is not None:
+        out = out + bias.to(cdtype)
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)

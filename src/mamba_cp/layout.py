@@ -1,0 +1,324 @@
+"""Token orders under context parallelism: the head-tail layout, chunk reorders and packed interleaving.
+
+Shape legend: ``B`` batch, ``L`` global sequence length, ``L_local = L / cp``, ``T`` global packed tokens,
+``T_local = T / cp``, ``W`` any trailing width.
+
+The head-tail ("DualChunkSwap") layout cuts every sequence into ``2 * cp`` equal chunks; rank ``r`` holds
+chunks ``r`` and ``2*cp - 1 - r`` in that order (for packed batches: per sequence, sequences in order).
+
+Two families live here:
+
+* the spec's stand-alone reorders (``reorder_chunks``, ``undo/redo_attention_load_balancing``,
+  ``deinterleave/reinterleave_packed_seqs``), each one gather, kept for API compatibility;
+* ``TokenPlan``: per batch, the single permutation between the rank-major all-to-all buffer and the true
+  sequence order. The mixers use only this: one gather on the way in, its inverse on the way out, built
+  once per batch and reused by every layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .validation import check_cu_seqlens, check_divisible
+
+# --------------------------------------------------------------------------------------------------
+# Positions of a rank's tokens in the global sequence
+# --------------------------------------------------------------------------------------------------
+
+
+def head_tail_positions(seq_len: int, cp_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Global positions held by every rank for one sequence of ``seq_len`` tokens.
+
+    Returns ``[cp, seq_len / cp]`` int64: row ``r`` lists, in local order, the positions rank ``r`` holds
+    (chunk ``r`` then chunk ``2*cp-1-r``).
+    """
+    check_divisible(seq_len, 2 * cp_size, "sequence length", "2*cp_size")
+    chunk = seq_len // (2 * cp_size)
+    ranks = torch.arange(cp_size, device=device)
+    within = torch.arange(chunk, device=device)
+    head = ranks[:, None] * chunk + within  # [cp, chunk]
+    tail = (2 * cp_size - 1 - ranks)[:, None] * chunk + within
+    return torch.cat([head, tail], dim=1)
+
+
+def packed_head_tail_positions(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Global positions held by every rank for a packed batch with *global* ``cu_seqlens`` ``[S + 1]``.
+
+    ``cu_seqlens`` must be validated (every length a multiple of ``2*cp``) and on the CPU, where a batch's
+    boundaries are read once anyway. Returns ``[cp, T / cp]`` int64: row ``r`` lists rank ``r``'s tokens
+    in local order (for each sequence in turn, its chunk ``r`` then its chunk ``2*cp-1-r``).
+    """
+    cu = cu_seqlens.to(torch.int64)
+    cu_local = cu // cp_size
+    local = torch.arange(int(cu[-1]) // cp_size)
+    seq = torch.bucketize(local, cu_local[1:], right=True)  # [T_local] sequence of each local token
+    offset = local - cu_local[seq]
+    half = (cu[seq + 1] - cu[seq]) // (2 * cp_size)  # chunk length of that sequence
+    ranks = torch.arange(cp_size)[:, None]  # [cp, 1]
+    in_tail = offset >= half
+    chunk = torch.where(in_tail, 2 * cp_size - 1 - ranks, ranks)  # [cp, T_local]
+    return cu[seq] + chunk * half + torch.where(in_tail, offset - half, offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathers with a cheap, deterministic backward
+# --------------------------------------------------------------------------------------------------
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``out = x[perm]`` along dim 0 for a permutation; backward gathers with the inverse permutation.
+
+    A plain ``index_select`` would scatter-add its gradient (atomics on GPU); a permutation's adjoint is
+    another gather, which is faster and bitwise deterministic.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``x[perm]`` (dim 0) where ``perm`` is a permutation; ``inverse`` is ``argsort(perm)``."""
+    if inverse is None:
+        inverse = invert_permutation(perm)
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm] = arange``: the inverse of a permutation, by one scatter."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec's stand-alone reorders
+# --------------------------------------------------------------------------------------------------
+
+
+def reorder_chunks(
+    input_: torch.Tensor, order: Sequence[int] | torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Permute equal-sized chunks: output chunk ``i`` is input chunk ``order[i]``.
+
+    Args:
+        input_: ``[B, L, W]`` (chunks along dim 1) or, with ``cu_seqlens``, packed ``[T, W]`` (chunks of each
+            sequence along dim 0, each sequence permuted on its own).
+        order: a permutation of ``range(num_chunks)``.
+        cu_seqlens: ``[S + 1]`` boundaries of the packed sequences in ``input_``.
+
+    Raises ``ValueError`` when a length does not divide into ``num_chunks`` equal chunks (nothing is cut).
+    """
+    order_t = torch.as_tensor(order, dtype=torch.int64).flatten()
+    num_chunks = order_t.numel()
+    if sorted(order_t.tolist()) != list(range(num_chunks)):
+        raise ValueError(f"order must be a permutation of range({num_chunks}), got {order_t.tolist()}")
+    if cu_seqlens is None:
+        if input_.dim() < 2:
+            raise ValueError(f"reorder_chunks expects [B, L, ...] without cu_seqlens, got {tuple(input_.shape)}")
+        seq_len = input_.shape[1]
+        check_divisible(seq_len, num_chunks, "sequence length", "the number of chunks")
+        chunk = seq_len // num_chunks
+        src = (order_t[:, None] * chunk + torch.arange(chunk)).flatten().to(input_.device)
+        return input_.index_select(1, src)
+    bounds = check_cu_seqlens(cu_seqlens, input_.shape[0], multiple_of=num_chunks)
+    cu = torch.tensor(bounds, dtype=torch.int64, device=input_.device)
+    pos = torch.arange(input_.shape[0], device=input_.device)
+    seq = torch.bucketize(pos, cu[1:], right=True)
+    start = cu[seq]
+    chunk = (cu[seq + 1] - start) // num_chunks
+    offset = pos - start
+    src = start + order_t.to(input_.device)[offset // chunk] * chunk + offset % chunk
+    return permute_rows(input_, src)
+
+
+def undo_order(cp_size: int) -> list[int]:
+    """Chunk order that turns ``[c0, c_{2cp-1}, c1, c_{2cp-2}, ...]`` (ranks' chunks back to back) into
+    ``[c0, c1, ..., c_{2cp-1}]``."""
+    n = 2 * cp_size
+    return [2 * c if c < cp_size else 2 * (n - c) - 1 for c in range(n)]
+
+
+def redo_order(cp_size: int) -> list[int]:
+    """Inverse of :func:`undo_order`: true order back to ranks' chunks back to back."""
+    n = 2 * cp_size
+    return [p // 2 if p % 2 == 0 else n - 1 - p // 2 for p in range(n)]
+
+
+def undo_attention_load_balancing(
+    input_: torch.Tensor, cp_size: int, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reorder from the head-tail layout (ranks' chunk pairs back to back) to true sequence order.
+
+    ``input_`` is ``[B, L, W]`` or, with global ``cu_seqlens``, packed ``[T, W]`` in sequence-major order.
+    """
+    return reorder_chunks(input_, undo_order(cp_size), cu_seqlens)
+
+
+def redo_attention_load_balancing(
+    input_: torch.Tensor, cp_size: int, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reorder from true sequence order back to the head-tail layout. Inverse of the undo."""
+    return reorder_chunks(input_, redo_order(cp_size), cu_seqlens)
+
+
+def _interleave_index(cu_seqlens_local: torch.Tensor, cp_size: int, total: int, device) -> torch.Tensor:
+    """Index ``src`` with ``seq_major = rank_major[src]`` for packed tokens after an all-to-all.
+
+    Rank-major: ``[r0 s0 | r0 s1 | ... | r1 s0 | ...]``; sequence-major: ``[r0 s0 | r1 s0 | ... | r0 s1 | ...]``.
+    """
+    check_divisible(total, cp_size, "token count", "cp_size")
+    t_local = total // cp_size
+    bounds = check_cu_seqlens(cu_seqlens_local, t_local)
+    cu = torch.tensor(bounds, dtype=torch.int64, device=device)
+    pos = torch.arange(total, device=device)
+    seq = torch.bucketize(pos, cu[1:] * cp_size, right=True)
+    start = cu[seq]
+    length = cu[seq + 1] - start
+    offset = pos - start * cp_size
+    return (offset // length) * t_local + start + offset % length
+
+
+def deinterleave_packed_seqs(input_: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Rank-major packed tokens ``[T, W]`` (after the all-to-all) to sequence-major order.
+
+    ``cu_seqlens`` are the *local* boundaries ``[S + 1]`` (global ones divided by ``cp_size``).
+    """
+    src = _interleave_index(cu_seqlens, cp_size, input_.shape[0], input_.device)
+    return permute_rows(input_, src)
+
+
+def reinterleave_packed_seqs(input_: torch.Tensor, cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Inverse of :func:`deinterleave_packed_seqs`: sequence-major back to rank-major."""
+    src = _interleave_index(cu_seqlens, cp_size, input_.shape[0], input_.device)
+    inverse = invert_permutation(src)
+    return permute_rows(input_, inverse, src)
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-batch plan used by the mixers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPlan:
+    """How one batch's tokens are laid out under CP; built once per batch, read by every layer.
+
+    Row numbering: the *rank-major* buffer has rows ``(r, b, j)`` flattened (source/destination rank
+    ``r``, batch row ``b``, local token ``j``); the *sequence* order has rows ``(b, l)`` flattened, ``l``
+    the true position. ``to_sequence[i]`` is the rank-major row of sequence row ``i``; ``to_ranks`` is its
+    inverse.
+    """
+
+    cp_size: int
+    batch: int
+    """``B`` (1 for packed batches)."""
+    local_len: int
+    """Tokens per batch row on each rank: ``L_local`` or ``T_local``."""
+    to_sequence: torch.Tensor | None
+    """``[B * L]`` int64 gather index, rank-major -> sequence order (None when ``cp_size == 1``)."""
+    to_ranks: torch.Tensor | None
+    """``[B * L]`` int64 gather index, sequence order -> rank-major (None when ``cp_size == 1``)."""
+    seq_idx: torch.Tensor | None
+    """``[1, T]`` int32 sequence id of each token in true order (packed batches; None for BSHD)."""
+    cu_seqlens: torch.Tensor | None
+    """``[S + 1]`` int64 global boundaries on the tokens' device (packed batches; None for BSHD)."""
+
+    @property
+    def global_len(self) -> int:
+        """``L`` (or ``T``): tokens per batch row over the whole CP group."""
+        return self.local_len * self.cp_size
+
+
+def build_token_plan(
+    cp_size: int,
+    batch: int,
+    local_len: int,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> TokenPlan:
+    """Validate a batch's layout and build its :class:`TokenPlan` (a pure function of its arguments).
+
+    Args:
+        cp_size: ranks in the CP group.
+        batch: ``B`` (must be 1 with ``cu_seqlens``).
+        local_len: ``L_local`` (``T_local`` for packed batches) on each rank.
+        cu_seqlens: ``[S + 1]`` *global* boundaries of a packed batch, or None for BSHD.
+        device: where the index tensors live (the activations' device).
+    """
+    global_len = local_len * cp_size
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    seq_idx = cu_dev = None
+    if cu_seqlens is None:
+        if cp_size > 1:
+            check_divisible(global_len, multiple, "global sequence length L (local length x cp_size)", "2*cp_size")
+            positions = head_tail_positions(global_len, cp_size)
+    else:
+        if batch != 1:
+            raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
+        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple)
+        cu_cpu = torch.tensor(bounds, dtype=torch.int64)
+        if cp_size > 1:
+            positions = packed_head_tail_positions(cu_cpu, cp_size)
+        seq_idx = torch.bucketize(torch.arange(global_len), cu_cpu[1:], right=True).to(torch.int32)[None]
+        seq_idx = seq_idx.to(device)
+        cu_dev = cu_cpu.to(device)
+    if cp_size == 1:
+        return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev)
+    # rank-major row (r, b, j) holds sequence row b * L + positions[r, j]
+    rows = torch.arange(batch)[None, :, None] * global_len + positions[:, None, :]  # [cp, B, L_local]
+    to_ranks = rows.reshape(-1)
+    to_sequence = invert_permutation(to_ranks)
+    return TokenPlan(cp_size, batch, local_len, to_sequence.to(device), to_ranks.to(device), seq_idx, cu_dev)
+
+
+class TokenPlanCache:
+    """Remembers the plans of recent batches so that every layer of a step reuses one.
+
+    BSHD plans depend only on shapes. Packed plans are keyed on the ``cu_seqlens`` tensor object (held
+    weakly) and its version counter, so the same tensor passed to every layer costs one build, while a new
+    or modified tensor builds a new plan.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: list[tuple[tuple, weakref.ref | None, TokenPlan]] = []
+        self.builds = 0
+        """Number of plans built (tests use it to prove per-batch reuse)."""
+
+    def get(
+        self, cp_size: int, batch: int, local_len: int, cu_seqlens: torch.Tensor | None, device: torch.device
+    ) -> TokenPlan:
+        """Return the plan for this batch, building (and validating) it on first use."""
+        if cu_seqlens is None:
+            key: tuple = ("bshd", cp_size, batch, local_len, str(device))
+        else:
+            key = ("thd", cp_size, batch, local_len, str(device), cu_seqlens._version)
+        for k, (entry_key, source, plan) in enumerate(self._entries):
+            if entry_key == key and (source is None or source() is cu_seqlens):
+                self._entries.insert(0, self._entries.pop(k))
+                return plan
+        plan = build_token_plan(cp_size, batch, local_len, cu_seqlens, device)
+        self.builds += 1
+        source = weakref.ref(cu_seqlens) if cu_seqlens is not None else None
+        self._entries.insert(0, (key, source, plan))
+        del self._entries[self.capacity :]
+        return plan
+
+
+# The spec's underscore names.
+_reorder_chunks = reorder_chunks
+_undo_attention_load_balancing = undo_attention_load_balancing
+_redo_attention_load_balancing = redo_attention_load_balancing
+_deinterleave_packed_seqs = deinterleave_packed_seqs
+_reinterleave_packed_seqs = reinterleave_packed_seqs

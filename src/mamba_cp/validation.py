@@ -1,0 +1,60 @@
+"""Checks of user input that raise ``ValueError`` naming the value and the rule.
+
+Every check here is local (no collective), so each rank raises before any collective is issued and no
+rank is left waiting in an all-to-all. Checks that read ``cu_seqlens`` values run once per batch, when
+the batch plan is built, never once per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_divisible(value: int, divisor: int, what: str, rule: str) -> None:
+    """Raise ``ValueError`` unless ``value % divisor == 0``; ``what`` names the value, ``rule`` says why."""
+    if divisor <= 0 or value % divisor != 0:
+        raise ValueError(f"{what} ({value}) must be divisible by {rule} ({divisor})")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, multiple_of: int = 1) -> list[int]:
+    """Validate packed-sequence boundaries and return them as a Python list.
+
+    Args:
+        cu_seqlens: ``[S + 1]`` int32/int64 cumulative sequence lengths of the *global* packed batch.
+        total_tokens: the global token count ``T`` the boundaries must end at.
+        multiple_of: every sequence length must divide by this (``2 * cp`` for the head-tail layout).
+
+    The one host read of ``cu_seqlens`` happens here, once per batch.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries ([num_seqs + 1]), got shape {tuple(cu_seqlens.shape)}"
+        )
+    bounds = cu_seqlens.detach().cpu().tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing, got cu_seqlens[{i}]={bounds[i]} and "
+                f"cu_seqlens[{i + 1}]={bounds[i + 1]} (sequence {i} has length {n})"
+            )
+    if bounds[-1] != total_tokens:
+        raise ValueError(
+            f"cu_seqlens must end at the global token count {total_tokens} "
+            f"(local tokens x cp), got cu_seqlens[-1]={bounds[-1]}"
+        )
+    if multiple_of > 1:
+        for i, n in enumerate(lengths):
+            if n % multiple_of != 0:
+                raise ValueError(
+                    f"sequence {i} has length {n}, which is not a multiple of 2*cp_size ({multiple_of}); "
+                    "the head-tail layout cuts every sequence into 2*cp equal chunks, so pad each "
+                    f"sequence to a multiple of {multiple_of}"
+                )
+    return bounds
