@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
-from .groups import resolve_cp_group
+from .groups import CPGroup, resolve_cp_group
 from .hidden_parallel import MambaContextParallel
 from .layout import TokenPlanCache
 from .mixer import Mamba2Mixer
 
-STRATEGIES = ("hidden",)
-"""Strategies ``parallelize`` accepts ("hidden": the all-to-all hidden-parallel strategy)."""
+
+def _hidden_parallel(group: CPGroup, mixer: Mamba2Mixer, plans: TokenPlanCache) -> MambaContextParallel:
+    return MambaContextParallel(
+        group, mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer, plans
+    )
+
+
+STRATEGIES: dict[str, Callable[[CPGroup, Mamba2Mixer, TokenPlanCache], object]] = {"hidden": _hidden_parallel}
+"""Strategy name -> factory ``(group, mixer, shared plan cache) -> strategy``. A strategy has
+``plan_for(hidden_states, cu_seqlens)`` (validates the batch, returns its cached plan) and
+``conv_ssd(xBC [B, L_local, conv_dim], dt [B, L_local, H], plan) -> y [B, L_local, H*P]``."""
 
 
 def find_mixers(module: nn.Module) -> list[tuple[str, Mamba2Mixer]]:
@@ -32,7 +43,7 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden") -> nn.Mod
     if strategy in ("hidden_parallel", "hidden-parallel"):
         strategy = "hidden"
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown CP strategy {strategy!r}; choose one of {STRATEGIES}")
+        raise ValueError(f"unknown CP strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     mixers = find_mixers(module)
     if not mixers:
         raise ValueError(f"{type(module).__name__} contains no Mamba2Mixer to parallelize")
@@ -43,9 +54,7 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden") -> nn.Mod
             mixer.context_parallel = None
             continue
         try:
-            mixer.context_parallel = MambaContextParallel(
-                group, mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size, mixer, plans
-            )
+            mixer.context_parallel = STRATEGIES[strategy](group, mixer, plans)
         except ValueError as err:
             raise ValueError(f"cannot parallelize mixer {name or type(mixer).__name__!r}: {err}") from err
     return module

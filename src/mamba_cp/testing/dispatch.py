@@ -1,0 +1,37 @@
+"""A dispatch mode that records the collectives and host syncs a region of code issues."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HOST_SYNC_OPS = ("aten._local_scalar_dense",)
+"""Ops that copy a device value to the host (``.item()``, ``.tolist()``, ``bool(tensor)``, ``int(tensor)``)."""
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the ``c10d`` collectives and host-sync ops dispatched inside the ``with`` block.
+
+    ``collectives`` maps op names (``"c10d.alltoall_base_"``) to counts; ``host_syncs`` counts reads of
+    tensor values into Python. Collectives issued in autograd's backward are recorded too when the
+    backward runs inside the block.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collectives: Counter[str] = Counter()
+        self.host_syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("c10d."):
+            self.collectives[name] += 1
+        elif name in HOST_SYNC_OPS:
+            self.host_syncs += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def all_to_alls(self) -> int:
+        """Number of all-to-all collectives recorded."""
+        return sum(n for op, n in self.collectives.items() if "alltoall" in op)
