@@ -19,10 +19,14 @@ from .validation import check_cu_seqlens
 
 
 def _positions(length: int, cp_size: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """``[cp, length / cp]`` global positions of every rank's tokens (validated)."""
+    """``[cp, length / cp]`` global positions of every rank's tokens (validated; one rank holds all)."""
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be at least 1, got {cp_size}")
     if cu_seqlens is None:
-        return head_tail_positions(length, cp_size)
-    bounds = check_cu_seqlens(cu_seqlens, length, multiple_of=2 * cp_size)
+        return head_tail_positions(length, cp_size) if cp_size > 1 else torch.arange(length)[None]
+    bounds = check_cu_seqlens(cu_seqlens, length, multiple_of=2 * cp_size if cp_size > 1 else 1)
+    if cp_size == 1:
+        return torch.arange(length)[None]
     return packed_head_tail_positions(torch.tensor(bounds, dtype=torch.int64), cp_size)
 
 

@@ -1,0 +1,162 @@
+"""The ``mamba-cp`` command: ``demo``, ``verify`` and ``bench``.
+
+``demo`` runs a tiny mixer at cp=2 on CPU (gloo, two forked processes) with and without CP, on a BSHD and a
+packed THD batch, and prints the largest relative difference of the output and of every gradient.
+``verify`` does the same for any configuration: on CPU it spawns gloo processes itself; launched with
+``torchrun`` it uses the launched ranks (NCCL on GPUs with ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+"""Largest accepted ``max|cp - ref| / max|ref|`` per dtype (float64: rounding level)."""
+
+
+def _print_report(title: str, worst: dict[str, float], tol: float) -> bool:
+    ok = all(v <= tol for v in worst.values())
+    print(f"\n{title}")
+    print(f"  {'tensor':<22} {'max rel. diff':>14}")
+    for name, value in worst.items():
+        flag = "" if value <= tol else "  <-- above tolerance"
+        print(f"  {name:<22} {value:14.3e}{flag}")
+    print(f"  {'PASS' if ok else 'FAIL'} (tolerance {tol:.0e})")
+    return ok
+
+
+def _run_case(case, cp: int, device: str) -> dict[str, float]:
+    from .testing import run_on_ranks
+    from .testing.parity import case_dict, parity_worker, worst_relative
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _run_case_launched(case, device)
+    if device != "cpu":
+        raise SystemExit("verify on GPUs must be launched with torchrun (one process per GPU)")
+    return worst_relative(run_on_ranks(parity_worker, cp, case_dict(case)))
+
+
+def _run_case_launched(case, device: str) -> dict[str, float]:
+    """Run under torchrun: this process is one rank; results are gathered to every rank."""
+    import torch
+    import torch.distributed as dist
+
+    from .testing.parity import case_dict, parity_worker, worst_relative
+
+    if not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
+    mine = parity_worker(rank, world, case_dict(case), dev)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return worst_relative(everyone)
+
+
+def demo(argv: Sequence[str] | None = None) -> int:
+    """cp=2 on CPU, BSHD and packed THD, float64: prints the differences and returns 0 if exact."""
+    from .testing.parity import ParityCase
+
+    argparse.ArgumentParser(prog="mamba-cp demo", description=demo.__doc__).parse_args(argv)
+    cp = 2
+    cases = [
+        ("BSHD batch [B=2, L=64] sharded head-tail over cp=2", ParityCase(layout="bshd", batch=2, seqlen=64)),
+        ("packed THD batch, seqlens [28, 4, 44, 12], cp=2", ParityCase(layout="thd", seqlens=[28, 4, 44, 12])),
+    ]
+    print("mamba-cp demo: a Mamba2 mixer (hidden 16, 4 heads x 4, 2 groups, state 8, conv 4, chunk 8), float64,")
+    print("hidden-parallel CP over 2 gloo processes vs the same mixer without CP.")
+    print("Compared: output, input gradient and every parameter gradient (CP gradients summed over ranks).")
+    ok = True
+    for title, case in cases:
+        start = time.perf_counter()
+        worst = _run_case(case, cp, "cpu")
+        ok &= _print_report(f"{title} ({time.perf_counter() - start:.2f} s)", worst, TOLERANCE[case.dtype])
+    print("\nall exact to rounding level" if ok else "\nMISMATCH: CP differs from the plain mixer")
+    return 0 if ok else 1
+
+
+def verify(argv: Sequence[str] | None = None) -> int:
+    """Parity of any configuration; exit status 1 if any difference is above the dtype's tolerance."""
+    from .testing.parity import ParityCase
+
+    p = argparse.ArgumentParser(prog="mamba-cp verify", description=verify.__doc__)
+    p.add_argument("--cp", type=int, default=2, help="CP size (ignored under torchrun: the world size is used)")
+    p.add_argument("--layout", choices=["bshd", "thd"], default="bshd")
+    p.add_argument("--strategy", default="hidden")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=64, help="BSHD sequence length (a multiple of 2*cp)")
+    p.add_argument("--seqlens", type=str, default="16,8,24", help="THD lengths, comma-separated")
+    p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=4)
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--state", type=int, default=8)
+    p.add_argument("--conv", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    case = ParityCase(
+        layout=args.layout,
+        batch=args.batch,
+        seqlen=args.seqlen,
+        seqlens=[int(s) for s in args.seqlens.split(",") if s],
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        head_dim=args.head_dim,
+        n_groups=args.groups,
+        state_size=args.state,
+        conv_kernel=args.conv,
+        chunk_size=args.chunk,
+        dtype=args.dtype,
+        seed=args.seed,
+        strategy=args.strategy,
+    )
+    cp = int(os.environ.get("WORLD_SIZE", args.cp))
+    worst = _run_case(case, cp, args.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if all(v <= TOLERANCE[args.dtype] for v in worst.values()) else 1
+    ok = _print_report(f"cp={cp} {args.strategy}: {case.describe()}", worst, TOLERANCE[args.dtype])
+    return 0 if ok else 1
+
+
+def bench(argv: Sequence[str] | None = None) -> int:
+    """Run ``benchmarks/bench_mixer.py`` (from a source checkout) with the given arguments."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mixer.py"
+    if not path.exists():
+        print(f"mamba-cp bench needs a source checkout: {path} not found", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("bench_mixer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(list(argv) if argv is not None else []) or 0)
+
+
+COMMANDS = {"demo": demo, "verify": verify, "bench": bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: mamba-cp {demo,verify,bench} [options]   (mamba-cp COMMAND --help for options)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as err:  # a configuration the library refuses: say why, no traceback
+        print(f"mamba-cp {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
