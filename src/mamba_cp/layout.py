@@ -45,20 +45,22 @@ def head_tail_positions(seq_len: int, cp_size: int, device: torch.device | str |
     return torch.cat([head, tail], dim=1)
 
 
-def packed_head_tail_positions(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+def packed_head_tail_positions(cu_seqlens: torch.Tensor, cp_size: int, total: int | None = None) -> torch.Tensor:
     """Global positions held by every rank for a packed batch with *global* ``cu_seqlens`` ``[S + 1]``.
 
-    ``cu_seqlens`` must be validated (every length a multiple of ``2*cp``) and on the CPU, where a batch's
-    boundaries are read once anyway. Returns ``[cp, T / cp]`` int64: row ``r`` lists rank ``r``'s tokens
-    in local order (for each sequence in turn, its chunk ``r`` then its chunk ``2*cp-1-r``).
+    ``cu_seqlens`` must be validated (every length a multiple of ``2*cp``); the result lives on its device.
+    ``total`` is the token count ``T`` when the caller knows it (else it is read from ``cu_seqlens[-1]``).
+    Returns ``[cp, T / cp]`` int64: row ``r`` lists rank ``r``'s tokens in local order (for each sequence in
+    turn, its chunk ``r`` then its chunk ``2*cp-1-r``).
     """
     cu = cu_seqlens.to(torch.int64)
+    total = int(cu[-1]) if total is None else total
     cu_local = cu // cp_size
-    local = torch.arange(int(cu[-1]) // cp_size)
+    local = torch.arange(total // cp_size, device=cu.device)
     seq = torch.bucketize(local, cu_local[1:], right=True)  # [T_local] sequence of each local token
     offset = local - cu_local[seq]
     half = (cu[seq + 1] - cu[seq]) // (2 * cp_size)  # chunk length of that sequence
-    ranks = torch.arange(cp_size)[:, None]  # [cp, 1]
+    ranks = torch.arange(cp_size, device=cu.device)[:, None]  # [cp, 1]
     in_tail = offset >= half
     chunk = torch.where(in_tail, 2 * cp_size - 1 - ranks, ranks)  # [cp, T_local]
     return cu[seq] + chunk * half + torch.where(in_tail, offset - half, offset)
@@ -258,28 +260,28 @@ def build_token_plan(
     """
     global_len = local_len * cp_size
     multiple = 2 * cp_size if cp_size > 1 else 1
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    # Index maps are built where they are used, in int64: rows reach B * L, past 2**31 at long contexts.
     seq_idx = cu_dev = None
     if cu_seqlens is None:
         if cp_size > 1:
             check_divisible(global_len, multiple, "global sequence length L (local length x cp_size)", "2*cp_size")
-            positions = head_tail_positions(global_len, cp_size)
+            positions = head_tail_positions(global_len, cp_size, dev)
     else:
         if batch != 1:
             raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
         bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple)
-        cu_cpu = torch.tensor(bounds, dtype=torch.int64)
+        cu_dev = torch.tensor(bounds, dtype=torch.int64, device=dev)
         if cp_size > 1:
-            positions = packed_head_tail_positions(cu_cpu, cp_size)
-        seq_idx = torch.bucketize(torch.arange(global_len), cu_cpu[1:], right=True).to(torch.int32)[None]
-        seq_idx = seq_idx.to(device)
-        cu_dev = cu_cpu.to(device)
+            positions = packed_head_tail_positions(cu_dev, cp_size, global_len)
+        seq_idx = torch.bucketize(torch.arange(global_len, device=dev), cu_dev[1:], right=True)
+        seq_idx = seq_idx.to(torch.int32)[None]
     if cp_size == 1:
         return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev)
     # rank-major row (r, b, j) holds sequence row b * L + positions[r, j]
-    rows = torch.arange(batch)[None, :, None] * global_len + positions[:, None, :]  # [cp, B, L_local]
+    rows = torch.arange(batch, device=dev)[None, :, None] * global_len + positions[:, None, :]  # [cp, B, L_local]
     to_ranks = rows.reshape(-1)
-    to_sequence = invert_permutation(to_ranks)
-    return TokenPlan(cp_size, batch, local_len, to_sequence.to(device), to_ranks.to(device), seq_idx, cu_dev)
+    return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev)
 
 
 class TokenPlanCache:

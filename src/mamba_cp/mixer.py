@@ -57,6 +57,8 @@ class Mamba2Mixer(nn.Module):
         norm_group_size: channels per norm group; default ``H * P / G`` (mamba_ssm's Mamba2, NemotronH).
         time_step_min, time_step_max, time_step_floor: range of the initial ``dt`` (log-uniform).
         A_init_range: range of the initial ``-A`` (uniform).
+        ssm_param_dtype: dtype of ``dt_bias``, ``A_log`` and ``D``; default float32 when ``dtype`` is bf16 or
+            fp16 (they set the decay, whose error compounds over the sequence), else ``dtype``.
     """
 
     def __init__(
@@ -78,12 +80,17 @@ class Mamba2Mixer(nn.Module):
         time_step_max: float = 0.1,
         time_step_floor: float = 1e-4,
         A_init_range: tuple[float, float] = (1.0, 16.0),
+        ssm_param_dtype: torch.dtype | None = None,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        param_dtype = dtype or torch.get_default_dtype()
+        if ssm_param_dtype is None:
+            half = param_dtype in (torch.float16, torch.bfloat16)
+            ssm_param_dtype = torch.float32 if half else param_dtype
         check_divisible(num_heads, n_groups, "num_heads", "n_groups")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -115,15 +122,17 @@ class Mamba2Mixer(nn.Module):
             torch.rand(num_heads, device=device) * (math.log(time_step_max) - math.log(time_step_min))
             + math.log(time_step_min)
         ).clamp(min=time_step_floor)
-        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(dtype or torch.get_default_dtype()))
+        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(ssm_param_dtype))
         A = torch.empty(num_heads, device=device).uniform_(*A_init_range)
-        self.A_log = nn.Parameter(torch.log(A).to(dtype or torch.get_default_dtype()))
-        self.D = nn.Parameter(torch.ones(num_heads, **factory))
+        self.A_log = nn.Parameter(torch.log(A).to(ssm_param_dtype))
+        self.D = nn.Parameter(torch.ones(num_heads, device=device, dtype=ssm_param_dtype))
         self.norm = GatedRMSNorm(self.intermediate_size, eps=layer_norm_epsilon, group_size=group_size, **factory)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias, **factory)
 
         self.context_parallel = None
         """The CP strategy attached by :func:`mamba_cp.parallelize` (None: plain single-device mixer)."""
+        self.batch_check = None
+        """Optional ``(hidden_states, cu_seqlens) -> None`` run before each call (debug mode's rank check)."""
         self._plans = TokenPlanCache()
 
     @classmethod
@@ -174,7 +183,10 @@ class Mamba2Mixer(nn.Module):
                 f"({self.hidden_size})"
             )
         if self.context_parallel is not None:
-            return self.context_parallel.plan_for(hidden_states, cu_seqlens)
+            plan = self.context_parallel.plan_for(hidden_states, cu_seqlens)  # local checks first
+            if self.batch_check is not None:
+                self.batch_check(hidden_states, cu_seqlens)
+            return plan
         batch = 1 if cu_seqlens is not None else hidden_states.shape[0]
         return self._plans.get(1, batch, hidden_states.shape[-2], cu_seqlens, hidden_states.device)
 

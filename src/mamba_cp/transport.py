@@ -30,17 +30,27 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input_: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        input_ = input_.contiguous()
-        output = torch.empty_like(input_)
-        dist.all_to_all_single(output, input_, group=group)
-        return output
+        return _exchange(input_, group, "forward")
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_output = grad_output.contiguous()
-        grad_input = torch.empty_like(grad_output)
-        dist.all_to_all_single(grad_input, grad_output, group=ctx.group)
-        return grad_input, None
+        return _exchange(grad_output, ctx.group, "backward"), None
+
+
+def _exchange(input_: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
+    """``all_to_all_single`` with equal splits; a failure says where it happened and what likely caused it."""
+    input_ = input_.contiguous()
+    output = torch.empty_like(input_)
+    try:
+        dist.all_to_all_single(output, input_, group=group)
+    except RuntimeError as err:  # a peer died, timed out, or sent a different shape
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(
+            f"mamba_cp all-to-all ({direction}) failed on CP rank {rank} of {size} with a local buffer of shape "
+            f"{tuple(input_.shape)}: another rank probably raised, crashed or passed a batch of another shape "
+            f"(MAMBA_CP_DEBUG=1 checks shapes and cu_seqlens across ranks first). Cause: {err}"
+        ) from err
+    return output
 
 
 def all_to_all(input_: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

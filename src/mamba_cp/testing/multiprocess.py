@@ -56,9 +56,9 @@ def _picklable(err: BaseException) -> BaseException | None:
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked processes in one gloo group.
 
-    ``fn`` must be a module-level function. Returns the ranks' return values in rank order. If every
-    failing rank raised the same exception type, that exception is re-raised (so ``pytest.raises`` works
-    on a ``ValueError`` raised by all ranks); otherwise :class:`RankFailure` lists every failure.
+    ``fn`` must be a module-level function. Returns the ranks' return values in rank order. If every rank
+    raised the same exception (type and message), it is re-raised (so ``pytest.raises`` works on a
+    ``ValueError`` raised by all ranks); otherwise :class:`RankFailure` lists every failure.
     """
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="mamba_cp_store_") as tmp:
@@ -90,7 +90,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     failures = [(rank, r) for rank, r in enumerate(results) if r[0] != "ok"]
     if failures:
         errors = [r[2] for _, r in failures]
-        if len(failures) == world_size and all(e is not None for e in errors) and len({type(e) for e in errors}) == 1:
+        same = all(e is not None for e in errors) and len({(type(e), str(e)) for e in errors}) == 1
+        if len(failures) == world_size and same:
             raise errors[0]
         report = "\n".join(f"--- rank {rank}:\n{r[1]}" for rank, r in failures)
         raise RankFailure(f"{len(failures)} of {world_size} ranks failed:\n{report}")
