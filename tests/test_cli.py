@@ -24,3 +24,9 @@ def test_verify_reports_bad_configuration(capsys):
 def test_usage():
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
+
+
+def test_plan_prints_bytes(capsys):
+    assert cli.main(["plan", "--cp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "hidden (ours)" in out and "NeMo AutoModel 0.7" in out

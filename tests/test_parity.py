@@ -42,6 +42,10 @@ CASES = {
     "thd-one-seq": (4, ParityCase(layout="thd", seqlens=[40])),
     "thd-many-short": (4, ParityCase(layout="thd", seqlens=[8] * 7 + [16])),
     "thd-cp1": (1, ParityCase(layout="thd", seqlens=[5, 11, 3])),
+    # cp=8 on CPU (the scaling issue's CPU share)
+    "bshd-cp8-G<cp": (8, ParityCase(layout="bshd", batch=2, seqlen=32, num_heads=8, n_groups=2)),
+    "bshd-cp8-G>cp": (8, ParityCase(layout="bshd", batch=1, seqlen=16, num_heads=16, n_groups=16, head_dim=2)),
+    "thd-cp8-G==cp": (8, ParityCase(layout="thd", seqlens=[16, 48, 32], num_heads=8, n_groups=8)),
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``mamba-cp`` command: ``demo``, ``verify`` and ``bench``.
+"""The ``mamba-cp`` command: ``demo``, ``verify``, ``bench`` and ``plan``.
 
 ``demo`` runs a tiny mixer at cp=2 on CPU (gloo, two forked processes) with and without CP, on a BSHD and a
 packed THD batch, and prints the largest relative difference of the output and of every gradient.
@@ -143,13 +143,40 @@ def bench(argv: Sequence[str] | None = None) -> int:
     return int(module.main(list(argv) if argv is not None else []) or 0)
 
 
-COMMANDS = {"demo": demo, "verify": verify, "bench": bench}
+def plan(argv: Sequence[str] | None = None) -> int:
+    """Bytes each strategy moves off-rank per layer (forward; backward is the same) for a mixer and length."""
+    from .traffic import MixerDims, hidden_parallel_bytes, nemo_hidden_parallel_bytes
+
+    p = argparse.ArgumentParser(prog="mamba-cp plan", description=plan.__doc__)
+    p.add_argument("--heads", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--state", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=131072, help="global tokens B*L (or T)")
+    p.add_argument("--cp", type=str, default="2,4,8")
+    p.add_argument("--dtype-bytes", type=int, default=2)
+    args = p.parse_args(argv)
+    dims = MixerDims(args.heads, args.head_dim, args.groups, args.state)
+    strategies = {"hidden (ours)": hidden_parallel_bytes, "NeMo AutoModel 0.7": nemo_hidden_parallel_bytes}
+    print(
+        f"mixer: {args.heads} heads x {args.head_dim}, {args.groups} groups, state {args.state}; "
+        f"{args.tokens} tokens; {args.dtype_bytes}-byte activations"
+    )
+    print(f"{'strategy':<22} {'cp':>3} {'MB off-rank per rank per layer (fwd)':>38}")
+    for name, fn in strategies.items():
+        for cp in (int(c) for c in args.cp.split(",")):
+            off = fn(dims, args.tokens, cp, args.dtype_bytes)["off_rank"]
+            print(f"{name:<22} {cp:>3} {off / 1e6:>38.1f}")
+    return 0
+
+
+COMMANDS = {"demo": demo, "verify": verify, "bench": bench, "plan": plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: mamba-cp {demo,verify,bench} [options]   (mamba-cp COMMAND --help for options)")
+        print("usage: mamba-cp {demo,verify,bench,plan} [options]   (mamba-cp COMMAND --help for options)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

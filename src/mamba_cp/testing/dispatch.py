@@ -21,20 +21,39 @@ class OpRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.collectives: Counter[str] = Counter()
+        self.collective_bytes: Counter[str] = Counter()
+        """Bytes of the tensors handed to each collective (an all-to-all's whole send buffer)."""
         self.host_syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name.startswith("c10d."):
             self.collectives[name] += 1
+            self.collective_bytes[name] += _input_bytes(name, args)
         elif name in HOST_SYNC_OPS:
             self.host_syncs += 1
         return func(*args, **(kwargs or {}))
 
     @property
+    def all_to_all_bytes(self) -> int:
+        """Bytes of all-to-all send buffers recorded (the off-rank share is ``(cp - 1) / cp`` of it)."""
+        return sum(n for op, n in self.collective_bytes.items() if "alltoall" in op)
+
+    @property
     def all_to_alls(self) -> int:
         """Number of all-to-all collectives recorded."""
         return sum(n for op, n in self.collectives.items() if "alltoall" in op)
+
+
+def _input_bytes(name: str, args: tuple) -> int:
+    """Bytes a collective sends: its input tensor (``alltoall_base_`` and friends take (output, input, ...))."""
+    import torch
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if "alltoall_base" in name and len(tensors) >= 2:
+        return tensors[1].numel() * tensors[1].element_size()
+    flat = [t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in (tensors or flat)[:1])
 
 
 def warm_up() -> None:
