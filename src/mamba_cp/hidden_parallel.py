@@ -167,7 +167,10 @@ class MambaContextParallel:
             self._columns_per_rank(dt_BLH, "heads"),
         ]
         ordered = seq_to_heads(parts, plan, self.cp_group)
-        return ordered[..., : self.local_shape.conv_dim], ordered[..., self.local_shape.conv_dim :]
+        # split, not two slices: its backward is one cat, where each slice's would be a zero-filled full-width
+        # tensor, and the two would then be added.
+        xBC_local, dt_local = torch.split(ordered, [self.local_shape.conv_dim, self.num_heads_local], dim=-1)
+        return xBC_local, dt_local
 
     def gather(self, y_BLD: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         """``y`` ``[B, L, d_inner_local]`` back to this rank's tokens ``[B, L_local, d_inner]``."""

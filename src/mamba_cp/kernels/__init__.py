@@ -3,15 +3,74 @@
 Each op has a readable pure-PyTorch reference (``*_reference.py``, exact in float64 against the plain
 sequential recurrence in ``ssd_naive.py``) that runs on any device. The functions here are what the rest
 of the library calls; they pick an implementation from the tensors' device.
+
+On CUDA tensors of a half or float32 dtype the fast kernels are chosen when they import (see
+:mod:`mamba_cp.kernels.cuda`): the SSD scan and the gated RMSNorm from mamba_ssm's Triton kernels; the
+conv from the ``causal_conv1d`` package, else our Triton conv (:mod:`mamba_cp.kernels.triton_conv`).
+Everything else (CPU tensors, float64, a missing package) runs the references. ``MAMBA_CP_KERNELS=reference``
+forces the references everywhere; :func:`selected` says what a device would get.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import cuda
 from .conv_reference import causal_conv1d_ref
 from .norm_reference import rmsnorm_gated_ref
 from .ssd_reference import ssd_chunk_scan_ref
+
+KERNELS_ENV = "MAMBA_CP_KERNELS"
+"""Environment variable: ``auto`` (default) picks per device, ``reference`` forces the references."""
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _mode() -> str:
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "reference"):
+        raise ValueError(f"{KERNELS_ENV} must be 'auto' or 'reference', got {mode!r}")
+    return mode
+
+
+def _fast(t: torch.Tensor) -> bool:
+    """Whether ``t`` may go to a CUDA kernel (float64 stays on the references, for exact tests)."""
+    return _mode() == "auto" and t.is_cuda and t.dtype in _FAST_DTYPES
+
+
+def _conv_impl(t: torch.Tensor, width: int) -> tuple[str, object]:
+    if _fast(t):
+        if 2 <= width <= 4 and (fn := cuda.causal_conv1d_pkg()) is not None:
+            return "causal_conv1d", fn
+        if (fn := cuda.triton_conv()) is not None and width <= 4:
+            return "triton", fn
+    return "reference", causal_conv1d_ref
+
+
+def _ssd_impl(t: torch.Tensor) -> tuple[str, object]:
+    if _fast(t) and (fn := cuda.mamba_ssd()) is not None:
+        return "mamba_ssm", fn
+    return "reference", ssd_chunk_scan_ref
+
+
+def _norm_impl(t: torch.Tensor) -> tuple[str, object]:
+    if _fast(t) and (fn := cuda.mamba_rmsnorm()) is not None:
+        return "mamba_ssm", fn
+    return "reference", rmsnorm_gated_ref
+
+
+def selected(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, conv_width: int = 4) -> dict:
+    """The implementation each op gets for tensors on ``device`` of ``dtype``: ``{"causal_conv1d": name,
+    "ssd_chunk_scan": name, "rmsnorm_gated": name}`` (names: ``reference``, ``triton``, ``causal_conv1d``,
+    ``mamba_ssm``)."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return {
+        "causal_conv1d": _conv_impl(probe, conv_width)[0],
+        "ssd_chunk_scan": _ssd_impl(probe)[0],
+        "rmsnorm_gated": _norm_impl(probe)[0],
+    }
 
 
 def causal_conv1d(
@@ -25,7 +84,10 @@ def causal_conv1d(
 
     ``seq_idx`` ``[B, L]`` stops the window at packed-sequence boundaries.
     """
-    return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    name, fn = _conv_impl(x, weight.shape[-1])
+    if name == "causal_conv1d":
+        return cuda.causal_conv1d_cuda(fn, x, weight, bias, seq_idx, activation)
+    return fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 
 def ssd_chunk_scan(
@@ -49,6 +111,12 @@ def ssd_chunk_scan(
     ``x`` ``[B, L, H, P]``, ``dt`` ``[B, L, H]``, ``A`` ``[H]``, ``B``/``C`` ``[B, L, G, N]`` -> ``y``
     ``[B, L, H, P]`` (and the final states ``[B, H, P, N]`` when asked).
     """
+    name, fn = _ssd_impl(x)
+    if name == "mamba_ssm":
+        return cuda.ssd_chunk_scan_cuda(
+            fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
+            return_final_states,
+        )  # fmt: skip
     return ssd_chunk_scan_ref(
         x,
         dt,
@@ -76,9 +144,12 @@ def rmsnorm_gated(
     norm_before_gate: bool = False,
 ) -> torch.Tensor:
     """Grouped RMSNorm of ``x * silu(z)`` (``[..., D]``, groups of ``group_size`` channels) times ``weight``."""
+    name, fn = _norm_impl(x)
+    if name == "mamba_ssm":
+        return cuda.rmsnorm_gated_cuda(fn, x, z, weight, eps, group_size, norm_before_gate)
     return rmsnorm_gated_ref(x, z, weight, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
 mamba_chunk_scan_combined = ssd_chunk_scan
 
-__all__ = ["causal_conv1d", "ssd_chunk_scan", "mamba_chunk_scan_combined", "rmsnorm_gated"]
+__all__ = ["KERNELS_ENV", "causal_conv1d", "mamba_chunk_scan_combined", "rmsnorm_gated", "selected", "ssd_chunk_scan"]

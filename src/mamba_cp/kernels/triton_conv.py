@@ -1,0 +1,281 @@
+"""A Triton depthwise causal conv1d (channels last, ``seq_idx``-aware, SiLU), forward and backward.
+
+Shape legend: ``B`` batch, ``L`` tokens, ``C`` channels, ``K`` taps (at most 4; tap ``K - 1`` multiplies the
+current token). The oracle is :func:`mamba_cp.kernels.conv_reference.causal_conv1d_ref`.
+
+Used on CUDA when the ``causal_conv1d`` package is not installed. The kernels read ``x`` through its row
+stride, so the strided ``xBC`` column view of an in_proj output is consumed without a copy, and every row
+offset is computed in int64 (no 2**31 limit on the tensor's span).
+
+Narrow filters are run as 4-tap filters whose leading taps are zero: one specialised kernel pair serves
+``K`` in 1..4. The backward recomputes the pre-activation from ``x`` (nothing but ``x`` is saved) and
+keeps the seven shifted ``x`` tiles it needs in registers; the weight and bias gradients are reduced per
+block of tokens into a small float32 buffer and summed by torch (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_WIDTH", "causal_conv1d_triton"]
+
+MAX_WIDTH = 4
+"""Widest filter the kernels handle; wider ones go to the reference."""
+
+_FWD_BLOCK_L, _FWD_BLOCK_C = 32, 128
+_BWD_BLOCK_L, _BWD_BLOCK_C = 16, 128
+_BWD_TOKENS_PER_PROGRAM = 1024  # tokens one backward program walks; bounds the partial-sum buffer
+
+
+@triton.jit
+def _load_tile(base, pos, L, offs_c, mask_c, stride_l):
+    """``[BLOCK_L, BLOCK_C]`` float32 tile of rows ``pos`` (zero outside ``[0, L)``)."""
+    ok = (pos >= 0) & (pos < L)
+    ptrs = base + pos.to(tl.int64)[:, None] * stride_l + offs_c[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_seq(seq_base, pos, L, HAS_SEQ: tl.constexpr):
+    """Sequence ids at ``pos`` (``-1`` outside ``[0, L)``, where the x tile is zero anyway)."""
+    if HAS_SEQ:
+        ok = (pos >= 0) & (pos < L)
+        return tl.load(seq_base + pos, mask=ok, other=-1)
+    return tl.zeros_like(pos)
+
+
+@triton.jit
+def _same(a, b):
+    """``[BLOCK_L, 1]`` float32 mask: 1 where two positions belong to the same packed sequence."""
+    return (a == b).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    X, W, BIAS, SEQ, OUT,
+    L, C,
+    stride_xb, stride_xl, stride_ob, stride_ol, stride_sb,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    pos = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = X + b * stride_xb
+    seq_base = SEQ + b * stride_sb
+    q0 = _load_seq(seq_base, pos, L, HAS_SEQ)
+
+    w3 = tl.load(W + offs_c * 4 + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    acc = _load_tile(x_base, pos, L, offs_c, mask_c, stride_xl) * w3
+    for d in tl.static_range(1, 4):
+        w = tl.load(W + offs_c * 4 + (3 - d), mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        xd = _load_tile(x_base, pos - d, L, offs_c, mask_c, stride_xl)
+        if HAS_SEQ:
+            xd = xd * _same(_load_seq(seq_base, pos - d, L, HAS_SEQ), q0)
+        acc += xd * w
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    ok = pos < L
+    out_ptrs = OUT + b * stride_ob + pos.to(tl.int64)[:, None] * stride_ol + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=ok[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _dact(dy, a, SILU: tl.constexpr):
+    """Gradient through the activation at pre-activation ``a``."""
+    if SILU:
+        s = tl.sigmoid(a)
+        return dy * s * (1.0 + a * (1.0 - s))
+    return dy
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    X, W, BIAS, SEQ, DOUT, DX, DW_PART, DB_PART,
+    L, C,
+    stride_xb, stride_xl, stride_gb, stride_gl, stride_dxb, stride_dxl, stride_sb,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_t = tl.num_programs(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = X + b * stride_xb
+    g_base = DOUT + b * stride_gb
+    seq_base = SEQ + b * stride_sb
+
+    w0 = tl.load(W + offs_c * 4 + 0, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w1 = tl.load(W + offs_c * 4 + 1, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(W + offs_c * 4 + 2, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w3 = tl.load(W + offs_c * 4 + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros((1, BLOCK_C), tl.float32)
+
+    dw0 = tl.zeros((BLOCK_C,), tl.float32)
+    dw1 = tl.zeros((BLOCK_C,), tl.float32)
+    dw2 = tl.zeros((BLOCK_C,), tl.float32)
+    dw3 = tl.zeros((BLOCK_C,), tl.float32)
+    db = tl.zeros((BLOCK_C,), tl.float32)
+
+    start = pid_t * TOKENS_PER_PROGRAM
+    for i in range(0, TOKENS_PER_PROGRAM, BLOCK_L):
+        s = start + i + tl.arange(0, BLOCK_L)
+        # x at offsets -3..+3 from s, and the sequence ids there.
+        xm3 = _load_tile(x_base, s - 3, L, offs_c, mask_c, stride_xl)
+        xm2 = _load_tile(x_base, s - 2, L, offs_c, mask_c, stride_xl)
+        xm1 = _load_tile(x_base, s - 1, L, offs_c, mask_c, stride_xl)
+        x0 = _load_tile(x_base, s, L, offs_c, mask_c, stride_xl)
+        xp1 = _load_tile(x_base, s + 1, L, offs_c, mask_c, stride_xl)
+        xp2 = _load_tile(x_base, s + 2, L, offs_c, mask_c, stride_xl)
+        xp3 = _load_tile(x_base, s + 3, L, offs_c, mask_c, stride_xl)
+        qm3 = _load_seq(seq_base, s - 3, L, HAS_SEQ)
+        qm2 = _load_seq(seq_base, s - 2, L, HAS_SEQ)
+        qm1 = _load_seq(seq_base, s - 1, L, HAS_SEQ)
+        q0 = _load_seq(seq_base, s, L, HAS_SEQ)
+        qp1 = _load_seq(seq_base, s + 1, L, HAS_SEQ)
+        qp2 = _load_seq(seq_base, s + 2, L, HAS_SEQ)
+        qp3 = _load_seq(seq_base, s + 3, L, HAS_SEQ)
+
+        # Pre-activations at t = s + j (j = 0..3) and their gradients g_j (zero for t >= L via dout).
+        # Tap k of output t reads t - (3 - k); a tap across a sequence boundary reads zero.
+        e_m1_0 = _same(qm1, q0)
+        e_m2_0 = _same(qm2, q0)
+        e_m3_0 = _same(qm3, q0)
+        a0 = bias + w3 * x0 + w2 * xm1 * e_m1_0 + w1 * xm2 * e_m2_0 + w0 * xm3 * e_m3_0
+        g0 = _dact(_load_tile(g_base, s, L, offs_c, mask_c, stride_gl), a0, SILU)
+        e_0_1 = _same(q0, qp1)
+        a1 = bias + w3 * xp1 + w2 * x0 * e_0_1 + w1 * xm1 * _same(qm1, qp1) + w0 * xm2 * _same(qm2, qp1)
+        g1 = _dact(_load_tile(g_base, s + 1, L, offs_c, mask_c, stride_gl), a1, SILU)
+        e_0_2 = _same(q0, qp2)
+        a2 = bias + w3 * xp2 + w2 * xp1 * _same(qp1, qp2) + w1 * x0 * e_0_2 + w0 * xm1 * _same(qm1, qp2)
+        g2 = _dact(_load_tile(g_base, s + 2, L, offs_c, mask_c, stride_gl), a2, SILU)
+        e_0_3 = _same(q0, qp3)
+        a3 = bias + w3 * xp3 + w2 * xp2 * _same(qp2, qp3) + w1 * xp1 * _same(qp1, qp3) + w0 * x0 * e_0_3
+        g3 = _dact(_load_tile(g_base, s + 3, L, offs_c, mask_c, stride_gl), a3, SILU)
+
+        # x_s feeds outputs s..s+3 through taps 3..0.
+        dx = w3 * g0 + w2 * g1 * e_0_1 + w1 * g2 * e_0_2 + w0 * g3 * e_0_3
+        ok = s < L
+        dx_ptrs = DX + b * stride_dxb + s.to(tl.int64)[:, None] * stride_dxl + offs_c[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=ok[:, None] & mask_c[None, :])
+
+        # Output s's gradient g0 times what each tap read.
+        dw3 += tl.sum(g0 * x0, axis=0)
+        dw2 += tl.sum(g0 * xm1 * e_m1_0, axis=0)
+        dw1 += tl.sum(g0 * xm2 * e_m2_0, axis=0)
+        dw0 += tl.sum(g0 * xm3 * e_m3_0, axis=0)
+        db += tl.sum(g0, axis=0)
+
+    part = b * n_t + pid_t
+    dw_base = DW_PART + part * 4 * C
+    tl.store(dw_base + 0 * C + offs_c, dw0, mask=mask_c)
+    tl.store(dw_base + 1 * C + offs_c, dw1, mask=mask_c)
+    tl.store(dw_base + 2 * C + offs_c, dw2, mask=mask_c)
+    tl.store(dw_base + 3 * C + offs_c, dw3, mask=mask_c)
+    tl.store(DB_PART + part * C + offs_c, db, mask=mask_c)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (a no-op context for CPU tensors, which only Triton's interpreter runs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, L, C]`` with unit channel stride (a copy only when the channels are strided)."""
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def _pad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[C, K]`` -> ``[C, 4]`` float32 with ``4 - K`` leading zero taps (same output, one kernel for all K)."""
+    width = weight.shape[1]
+    w = weight.float()
+    if width < MAX_WIDTH:
+        w = torch.nn.functional.pad(w, (MAX_WIDTH - width, 0))
+    return w.contiguous()
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, silu):
+        x = _as_rows(x)
+        batch, length, channels = x.shape
+        w4 = _pad_weight(weight)
+        bias_c = bias.contiguous() if bias is not None else None
+        seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+        out = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(length, _FWD_BLOCK_L), triton.cdiv(channels, _FWD_BLOCK_C), batch)
+        with _on_device(x):
+            _conv_fwd_kernel[grid](
+                x, w4, bias_c if bias_c is not None else w4, seq if seq is not None else x, out,
+                length, channels,
+                x.stride(0), x.stride(1), out.stride(0), out.stride(1), seq.stride(0) if seq is not None else 0,
+                HAS_BIAS=bias_c is not None, HAS_SEQ=seq is not None, SILU=silu,
+                BLOCK_L=_FWD_BLOCK_L, BLOCK_C=_FWD_BLOCK_C, num_warps=4,
+            )  # fmt: skip
+        ctx.save_for_backward(x, w4, bias_c, seq)
+        ctx.silu = silu
+        ctx.width = weight.shape[1]
+        ctx.weight_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w4, bias_c, seq = ctx.saved_tensors
+        dout = _as_rows(dout)
+        batch, length, channels = x.shape
+        dx = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
+        per_program = min(_BWD_TOKENS_PER_PROGRAM, triton.cdiv(length, _BWD_BLOCK_L) * _BWD_BLOCK_L)
+        n_t = triton.cdiv(length, per_program)
+        dw_part = torch.empty((batch * n_t, 4, channels), device=x.device, dtype=torch.float32)
+        db_part = torch.empty((batch * n_t, channels), device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(channels, _BWD_BLOCK_C), n_t, batch)
+        with _on_device(x):
+            _conv_bwd_kernel[grid](
+                x, w4, bias_c if bias_c is not None else w4, seq if seq is not None else x, dout, dx, dw_part, db_part,
+                length, channels,
+                x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+                seq.stride(0) if seq is not None else 0,
+                HAS_BIAS=bias_c is not None, HAS_SEQ=seq is not None, SILU=ctx.silu,
+                BLOCK_L=_BWD_BLOCK_L, BLOCK_C=_BWD_BLOCK_C, TOKENS_PER_PROGRAM=per_program, num_warps=8,
+            )  # fmt: skip
+        dw = dw_part.sum(0).t()[:, MAX_WIDTH - ctx.width :].to(ctx.weight_dtype)  # [C, K]
+        db = db_part.sum(0).to(bias_c.dtype) if ctx.has_bias else None
+        return dx, dw, db, None, None
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """Depthwise causal conv1d on CUDA: ``x`` ``[B, L, C]`` (any row stride), ``weight`` ``[C, K<=4]``,
+    ``bias`` ``[C]``, ``seq_idx`` ``[B, L]`` -> ``[B, L, C]`` contiguous, in ``x.dtype`` (float32 math).
+
+    Same contract as :func:`mamba_cp.kernels.conv_reference.causal_conv1d_ref`.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"expected x [B, L, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if not 1 <= weight.shape[1] <= MAX_WIDTH:
+        raise ValueError(f"the Triton conv handles 1 to {MAX_WIDTH} taps, got {weight.shape[1]}")
+    if seq_idx is not None and seq_idx.shape != x.shape[:2]:
+        raise ValueError(f"seq_idx must be [B, L]={tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
+    return _CausalConv1dFn.apply(x, weight, bias, seq_idx, activation is not None)

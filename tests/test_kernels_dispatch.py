@@ -1,0 +1,200 @@
+"""The kernel dispatch: references on CPU and under the env override; the CUDA kernels against the references.
+
+The CUDA tests run only where CUDA is available (the benchmark's device calls run this file there). The
+Triton conv is also checked on the CPU through Triton's interpreter when Triton is importable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mamba_cp import kernels
+from mamba_cp.kernels import cuda
+from mamba_cp.kernels.conv_reference import causal_conv1d_ref
+from mamba_cp.kernels.norm_reference import rmsnorm_gated_ref
+from mamba_cp.kernels.ssd_reference import ssd_chunk_scan_ref
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _seq_idx(batch: int, length: int, cuts: list[int], device) -> torch.Tensor:
+    ids = torch.zeros(batch, length, dtype=torch.int32)
+    for c in cuts:
+        ids[:, c:] += 1
+    return ids.to(device)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def test_cpu_gets_the_references():
+    assert kernels.selected("cpu") == {
+        "causal_conv1d": "reference",
+        "ssd_chunk_scan": "reference",
+        "rmsnorm_gated": "reference",
+    }
+
+
+def test_cpu_calls_match_the_references():
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 12, dtype=torch.float64)
+    w, b = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    seq = _seq_idx(2, 24, [7, 15], "cpu")
+    assert torch.equal(kernels.causal_conv1d(x, w, b, seq_idx=seq), causal_conv1d_ref(x, w, b, seq_idx=seq))
+    xs, dt = torch.randn(1, 24, 4, 3, dtype=torch.float64), torch.randn(1, 24, 4, dtype=torch.float64)
+    A = -torch.rand(4, dtype=torch.float64)
+    B, C = torch.randn(1, 24, 2, 5, dtype=torch.float64), torch.randn(1, 24, 2, 5, dtype=torch.float64)
+    got = kernels.ssd_chunk_scan(xs, dt, A, B, C, 8, dt_softplus=True)
+    assert torch.equal(got, ssd_chunk_scan_ref(xs, dt, A, B, C, 8, dt_softplus=True))
+    y, z, nw = torch.randn(3, 16), torch.randn(3, 16), torch.rand(16)
+    assert torch.equal(kernels.rmsnorm_gated(y, z, nw, group_size=8), rmsnorm_gated_ref(y, z, nw, group_size=8))
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
+    assert set(kernels.selected("cpu").values()) == {"reference"}
+    if torch.cuda.is_available():
+        assert set(kernels.selected("cuda").values()) == {"reference"}
+    monkeypatch.setenv(kernels.KERNELS_ENV, "fastest")
+    with pytest.raises(ValueError, match="MAMBA_CP_KERNELS"):
+        kernels.selected("cpu")
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    assert set(kernels.selected("cpu").values()) == {"reference"}
+
+
+def test_int32_guard_copies_only_huge_strided_views():
+    # A column view of a wide [rows, 40000] projection spans past 2**31 elements; meta tensors cost nothing.
+    wide = torch.empty(70_000, 40_000, device="meta", dtype=torch.bfloat16)
+    view = wide[:, :128]
+    assert cuda.span(view) > 2**31
+    safe = cuda.int32_safe(view)
+    assert safe.is_contiguous() and safe.shape == view.shape
+    small = torch.empty(100, 400)[:, :8]
+    assert cuda.int32_safe(small) is small
+    assert cuda.int32_safe(None) is None
+
+
+# ------------------------------------------------------------------------------------------------ CUDA kernels
+
+
+@needs_cuda
+def test_cuda_dispatch_picks_fast_kernels_and_keeps_float64_on_references():
+    chosen = kernels.selected("cuda", torch.bfloat16)
+    assert chosen["causal_conv1d"] in ("causal_conv1d", "triton")
+    assert kernels.selected("cuda", torch.float64)["ssd_chunk_scan"] == "reference"
+    if cuda.mamba_ssd() is not None:
+        assert chosen["ssd_chunk_scan"] == "mamba_ssm"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "width,packed,strided", [(4, True, True), (4, False, False), (3, True, False), (2, False, True)], ids=str
+)
+def test_triton_conv_matches_reference(dtype, width, packed, strided):
+    fn = cuda.triton_conv()
+    if fn is None:
+        pytest.skip("Triton is not importable")
+    torch.manual_seed(0)
+    batch, length, channels = 2, 1100, 200
+    base = torch.randn(batch, length, channels + (56 if strided else 0), device="cuda", dtype=dtype)
+    x = base[..., 16 : 16 + channels] if strided else base
+    x = x.detach().requires_grad_(True)
+    w = torch.randn(channels, width, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(channels, device="cuda", dtype=dtype, requires_grad=True)
+    seq = _seq_idx(batch, length, [3, 500, 501, 1023], "cuda") if packed else None
+    out = fn(x, w, b, seq_idx=seq, activation="silu")
+    ref = causal_conv1d_ref(x.double(), w.double(), b.double(), seq_idx=seq, activation="silu")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g.double(), allow_unused=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(out, ref) < tol
+    for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads, strict=True):
+        assert _rel(got, want) < tol, name
+
+
+@needs_cuda
+@pytest.mark.parametrize("packed", [False, True], ids=["bshd", "thd"])
+def test_mamba_ssd_adapter_matches_reference(packed):
+    if cuda.mamba_ssd() is None:
+        pytest.skip("mamba_ssm's Triton SSD is not importable")
+    torch.manual_seed(0)
+    b, length, h, p, g, n, chunk = 1, 600, 4, 64, 2, 64, 64
+    dev = "cuda"
+    wide = torch.randn(b, length, h * p + 2 * g * n + h + 40, device=dev)  # dt is a column view, as in a mixer
+    x = wide[..., : h * p].reshape(b, length, h, p).detach().requires_grad_(True)
+    dt = wide[..., -h - 40 : -40].detach().requires_grad_(True)
+    B = torch.randn(b, length, g, n, device=dev, requires_grad=True)
+    C = torch.randn(b, length, g, n, device=dev, requires_grad=True)
+    A = -torch.rand(h, device=dev) - 0.5
+    D, dt_bias = torch.rand(h, device=dev), torch.rand(h, device=dev) - 2
+    seq = _seq_idx(b, length, [100, 101, 350], dev) if packed else None
+    kw = dict(D=D, dt_bias=dt_bias, seq_idx=seq, dt_softplus=True)
+    out = kernels.ssd_chunk_scan(x, dt, A, B, C, chunk, **kw)
+    ref = ssd_chunk_scan_ref(x.double(), dt.double(), A.double(), B.double(), C.double(), chunk, **kw)
+    gy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, dt, B, C), gy)
+    ref_grads = torch.autograd.grad(ref, (x, dt, B, C), gy.double())
+    assert _rel(out, ref) < 3e-3  # Triton's float32 dots run as tf32
+    for name, got, want in zip(["x", "dt", "B", "C"], grads, ref_grads, strict=True):
+        assert _rel(got, want) < 3e-3, name
+
+
+@needs_cuda
+def test_mamba_rmsnorm_adapter_matches_reference():
+    if cuda.mamba_rmsnorm() is None:
+        pytest.skip("mamba_ssm's gated RMSNorm is not importable")
+    torch.manual_seed(0)
+    wide = torch.randn(3, 100, 512 + 256, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(3, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = wide[..., 512:].detach().requires_grad_(True)  # strided, as the mixer's z
+    w = torch.rand(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = kernels.rmsnorm_gated(y, z, w, group_size=64)
+    ref = rmsnorm_gated_ref(y.double(), z.double(), w.double(), group_size=64)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (y, z, w), g)
+    ref_grads = torch.autograd.grad(ref, (y, z, w), g.double())
+    assert _rel(out, ref) < 1e-2
+    for name, got, want in zip("yzw", grads, ref_grads, strict=True):
+        assert _rel(got, want) < 2e-2, name
+
+
+# ------------------------------------------------------------------------------------------------ interpreter
+
+
+def test_triton_conv_under_the_interpreter():
+    """Without a GPU: the same kernels through Triton's CPU interpreter (skipped when Triton is missing)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent(
+        """
+        import torch
+        from mamba_cp.kernels.triton_conv import causal_conv1d_triton
+        from mamba_cp.kernels.conv_reference import causal_conv1d_ref
+        torch.manual_seed(0)
+        x = torch.randn(2, 40, 40)[..., 3:35].requires_grad_(True)
+        w = torch.randn(32, 4, requires_grad=True); b = torch.randn(32, requires_grad=True)
+        seq = torch.zeros(2, 40, dtype=torch.int32); seq[:, 9:] += 1; seq[:, 10:] += 1
+        out = causal_conv1d_triton(x, w, b, seq_idx=seq)
+        ref = causal_conv1d_ref(x, w, b, seq_idx=seq)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+            assert (a - r).abs().max() < 1e-4 * r.abs().max(), (a - r).abs().max()
+        assert (out - ref).abs().max() < 1e-5
+        print("ok")
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
