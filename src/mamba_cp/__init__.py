@@ -24,8 +24,10 @@ from .layout import (
     undo_attention_load_balancing,
 )
 from .mixer import GatedRMSNorm, Mamba2Mixer
-from .parallelize import find_mixers, parallelize
+from .parallelize import auto_strategy, find_mixers, parallelize
+from .segments import SegmentPlan, SegmentPlanCache, build_segment_plan
 from .sharding import gather_sequence, shard, unshard
+from .state_passing import StatePassingContextParallel
 from .transport import (
     AllToAll,
     _all_to_all,
@@ -47,12 +49,17 @@ __all__ = [
     "GatedRMSNorm",
     "Mamba2Mixer",
     "MambaContextParallel",
+    "SegmentPlan",
+    "SegmentPlanCache",
+    "StatePassingContextParallel",
     "TokenPlan",
     "TokenPlanCache",
     "all_reduce_gradients",
     "all_to_all",
     "all_to_all_cp2hp",
     "all_to_all_hp2cp",
+    "auto_strategy",
+    "build_segment_plan",
     "build_token_plan",
     "deinterleave_packed_seqs",
     "find_mixers",

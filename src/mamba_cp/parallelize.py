@@ -12,6 +12,7 @@ from .groups import CPGroup, resolve_cp_group
 from .hidden_parallel import MambaContextParallel
 from .layout import TokenPlanCache
 from .mixer import Mamba2Mixer
+from .state_passing import state_passing_factory
 
 
 def _hidden_parallel(group: CPGroup, mixer: Mamba2Mixer, plans: TokenPlanCache) -> MambaContextParallel:
@@ -20,10 +21,26 @@ def _hidden_parallel(group: CPGroup, mixer: Mamba2Mixer, plans: TokenPlanCache) 
     )
 
 
-STRATEGIES: dict[str, Callable[[CPGroup, Mamba2Mixer, TokenPlanCache], object]] = {"hidden": _hidden_parallel}
+STRATEGIES: dict[str, Callable[[CPGroup, Mamba2Mixer, TokenPlanCache], object]] = {
+    "hidden": _hidden_parallel,
+    "state_passing": state_passing_factory,
+}
 """Strategy name -> factory ``(group, mixer, shared plan cache) -> strategy``. A strategy has
 ``plan_for(hidden_states, cu_seqlens)`` (validates the batch, returns its cached plan) and
 ``conv_ssd(xBC [B, L_local, conv_dim], dt [B, L_local, H], plan) -> y [B, L_local, H*P]``."""
+
+
+def auto_strategy(num_heads: int, n_groups: int, cp_size: int) -> str:
+    """The strategy ``strategy="auto"`` picks for a mixer with ``num_heads`` heads and ``n_groups`` groups.
+
+    ``"state_passing"`` when hidden-parallel cannot run (``num_heads % cp``, or the groups do not split:
+    ``cp % G`` for ``G < cp``, ``G % cp`` otherwise) or is expected slower: ``cp >= 4`` or fewer than 16
+    heads per rank (few heads per rank underuse the GPU, DESIGN.md 3b); else ``"hidden"``.
+    """
+    groups_split = cp_size % n_groups == 0 if n_groups < cp_size else n_groups % cp_size == 0
+    if num_heads % cp_size != 0 or not groups_split or cp_size >= 4 or num_heads // cp_size < 16:
+        return "state_passing"
+    return "hidden"
 
 
 def find_mixers(module: nn.Module) -> list[tuple[str, Mamba2Mixer]]:
@@ -37,7 +54,11 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
     Args:
         module: a model or a single mixer; its parameters are untouched (same objects, same names).
         cp_group: a ``ProcessGroup`` or a 1-D ``DeviceMesh``; ``None`` or a group of one rank turns CP off.
-        strategy: ``"hidden"`` (hidden-parallel: heads sharded by an all-to-all).
+        strategy: ``"hidden"`` (hidden-parallel: heads sharded by an all-to-all), ``"state_passing"``
+            (tokens stay home; segments exchange conv halos and SSD states) or ``"auto"`` (per mixer, by
+            :func:`auto_strategy`: state passing where hidden-parallel's divisibility fails, for
+            ``cp >= 4`` or for fewer than 16 heads per rank; hidden-parallel otherwise). The mixer's repr
+            names the strategy it got.
         debug: check on every call, with one small collective, that all ranks agree on the local shape,
             dtype and ``cu_seqlens`` (``ValueError`` naming the disagreement); default: ``MAMBA_CP_DEBUG``.
 
@@ -46,8 +67,10 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
     """
     if strategy in ("hidden_parallel", "hidden-parallel"):
         strategy = "hidden"
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown CP strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if strategy == "state-passing":
+        strategy = "state_passing"
+    if strategy not in STRATEGIES and strategy != "auto":
+        raise ValueError(f"unknown CP strategy {strategy!r}; choose one of {sorted([*STRATEGIES, 'auto'])}")
     mixers = find_mixers(module)
     if not mixers:
         raise ValueError(f"{type(module).__name__} contains no Mamba2Mixer to parallelize")
@@ -60,7 +83,8 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
             mixer.context_parallel = None
             continue
         try:
-            mixer.context_parallel = STRATEGIES[strategy](group, mixer, plans)
+            chosen = auto_strategy(mixer.num_heads, mixer.n_groups, group.size) if strategy == "auto" else strategy
+            mixer.context_parallel = STRATEGIES[chosen](group, mixer, plans)
         except ValueError as err:
             raise ValueError(f"cannot parallelize mixer {name or type(mixer).__name__!r}: {err}") from err
     return module

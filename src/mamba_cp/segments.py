@@ -1,0 +1,286 @@
+"""Per-batch segment plan for state-passing context parallelism: which tokens form which segment, where
+each segment's conv halo comes from, and where it sits in its sequence's chain of segments.
+
+Shape legend: ``S`` sequences in the batch (``B`` rows for BSHD, packed sequences for THD), ``cp`` ranks,
+``r`` this rank, ``K - 1 = halo`` conv halo width, ``T_local`` / ``L_local`` tokens on this rank,
+``Q`` block size (the mixer's SSD chunk size).
+
+The head-tail layout cuts every sequence ``s`` into ``2*cp`` equal chunks of ``c_s = len_s / (2*cp)``
+tokens; rank ``r`` holds chunk ``r`` (its *head* piece) and chunk ``2*cp-1-r`` (its *tail* piece) of every
+sequence. A **segment** is one such piece: one chunk of one sequence, ``2*S`` of them per rank, numbered
+``2*s + half`` (``half`` 0 = head, 1 = tail) in the rank's local token order. A segment never crosses a
+sequence boundary, so every sequence is the same *chain* of ``2*cp`` segments (chain position = chunk
+index), whatever the packing. Rank 0's tail of sequence ``s`` and head of ``s + 1`` are adjacent in the
+global order, but they are kept as two segments: the boundary between them resets the state anyway, and a
+uniform ``[S, 2]`` grid of segments keeps every per-layer op a fixed-shape tensor op.
+
+:func:`build_segment_plan` is a pure function of ``(cp_size, cp_rank, batch, local_len, cu_seqlens, halo,
+block_size)``; it reads ``cu_seqlens`` once (to validate and build the index maps) and is unit-testable
+without a process group. :class:`SegmentPlanCache` builds a batch's plan once and serves it to every layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .validation import check_cu_seqlens
+
+
+@dataclass(frozen=True, slots=True)
+class PackedIndex:
+    """Index maps of a packed (THD) batch on one rank; all int64 ``[...]`` tensors on the tokens' device
+    unless said otherwise. Built once per batch; the per-layer path only gathers and scatters with them."""
+
+    seg_idx: torch.Tensor
+    """``[1, T_local]`` int32 segment id of each local token (the SSD kernel's ``seq_idx``: a zero state at
+    every segment start, hence at every sequence start)."""
+    token_seg: torch.Tensor
+    """``[T_local]`` segment id of each local token."""
+    seg_first: torch.Tensor
+    """``[2*S]`` local index of each segment's first token."""
+    seg_stop: torch.Tensor
+    """``[2*S]`` local index one past each segment's last token."""
+    tail_tokens: torch.Tensor
+    """``[n_tail]`` local tokens sent as conv halo (the last ``min(c_s, halo)`` of each segment)."""
+    tail_slots: torch.Tensor
+    """``[n_tail]`` where each of them goes in the ``[2*S*halo]`` tail buffer (the rest stays zero)."""
+    ext_tokens: torch.Tensor
+    """``[T_local]`` position of each local token in the conv stream ``[halo_0, seg_0, halo_1, seg_1, ...]``
+    of length ``T_local + 2*S*halo``."""
+    ext_halo: torch.Tensor
+    """``[2*S*halo]`` position of each halo slot in that stream."""
+    num_blocks: int
+    """Blocks of ``Q`` tokens after padding every segment to a multiple of ``Q``."""
+    block_of_token: torch.Tensor
+    """``[T_local]`` row of each local token in the flat block layout ``[num_blocks * Q]``."""
+    block_seg: torch.Tensor
+    """``[num_blocks]`` segment of each block."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentPlan:
+    """How one batch's tokens on one rank split into segments, and how segments connect across ranks."""
+
+    cp_size: int
+    cp_rank: int
+    batch: int
+    """``B`` (1 for packed batches)."""
+    local_len: int
+    """``L_local`` (``T_local`` for packed batches): tokens per batch row on this rank."""
+    num_seqs: int
+    """``S``: sequences (``B`` for BSHD); this rank holds ``2*S`` segments."""
+    halo: int
+    """``K - 1``: pre-conv tokens each segment needs from the tokens before it."""
+    block_size: int
+    """``Q``: block length of the packed per-segment reductions (the mixer's chunk size)."""
+    seg_len: int | None
+    """BSHD: tokens per segment (``L_local / 2``); None for packed batches (lengths vary)."""
+    chain_pos: torch.Tensor
+    """``[2]`` chain positions (chunk indices) of this rank's head and tail segments: ``r, 2*cp-1-r``."""
+    chain_before: torch.Tensor
+    """``[2, 2*cp]`` bool: ``chain_before[i, c]`` iff chunk ``c`` precedes this rank's segment ``i``."""
+    halo_rows: torch.Tensor
+    """``[n_halo]`` rows of the all-gathered tail buffer ``[cp * 2*S * halo]`` that feed a halo slot."""
+    halo_slots: torch.Tensor
+    """``[n_halo]`` the halo slot (of ``[2*S * halo]``) each feeds; slots before a sequence start stay 0."""
+    packed: PackedIndex | None
+    """THD index maps (None for BSHD)."""
+
+    @property
+    def num_segments(self) -> int:
+        """Segments on this rank: ``2*S``."""
+        return 2 * self.num_seqs
+
+
+def chain_rank(chunk: torch.Tensor, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Owner of chunk index ``chunk`` in the head-tail layout: ``(rank, half)`` (half 0 head, 1 tail)."""
+    tail = chunk >= cp_size
+    return torch.where(tail, 2 * cp_size - 1 - chunk, chunk), tail.to(torch.int64)
+
+
+def halo_sources(seg_len_S: torch.Tensor, cp_size: int, cp_rank: int, halo: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each conv-halo slot of this rank's segments comes from.
+
+    Every rank sends a tail buffer ``[S, 2, halo]`` (the last ``halo`` tokens of each of its segments,
+    left-padded with zeros when a segment is shorter); after the all-gather the buffer is
+    ``[cp, S, 2, halo]`` (flattened). Halo slot ``j`` of segment ``(s, half)`` holds the pre-conv token
+    at ``start - halo + j`` of its sequence; it may lie several chunks back when ``c_s < halo``.
+
+    Args:
+        seg_len_S: ``[S]`` int64 chunk length ``c_s`` of each sequence.
+    Returns:
+        ``(rows, slots)``: ``[n]`` rows of the gathered flat buffer and ``[n]`` flat halo slots
+        ``(2*s + half) * halo + j``, for the slots inside their sequence (the others read zeros).
+    """
+    num_seqs = seg_len_S.numel()
+    c = seg_len_S[:, None, None]  # [S, 1, 1]
+    half = torch.arange(2)[None, :, None]  # [1, 2, 1]
+    j = torch.arange(halo)[None, None, :]  # [1, 1, halo]
+    chunk = torch.where(half == 0, cp_rank, 2 * cp_size - 1 - cp_rank)
+    pos = chunk * c - halo + j  # [S, 2, halo] position in the sequence
+    src_chunk = torch.div(pos, c, rounding_mode="floor")
+    src_rank, src_half = chain_rank(src_chunk, cp_size)
+    src_j = pos - src_chunk * c - c + halo  # slot inside the source segment's tail buffer
+    seq = torch.arange(num_seqs)[:, None, None]
+    rows = ((src_rank * num_seqs + seq) * 2 + src_half) * halo + src_j
+    slots = ((seq * 2 + half) * halo + j).expand_as(rows)
+    inside = pos >= 0
+    assert bool((src_j[inside] >= 0).all() and (src_j[inside] < halo).all()), "halo source outside tail buffer"
+    return rows[inside], slots[inside]
+
+
+def _packed_index(seg_len_S: torch.Tensor, halo: int, block_size: int, device) -> PackedIndex:
+    """The THD index maps of one rank, from the chunk length ``[S]`` of every sequence (built on the CPU,
+    moved to ``device``)."""
+    num_seqs = seg_len_S.numel()
+    seg_len = seg_len_S.repeat_interleave(2)  # [2S] head and tail pieces have the same length
+    num_segs = 2 * num_seqs
+    seg_stop = seg_len.cumsum(0)
+    seg_first = seg_stop - seg_len
+    total = int(seg_stop[-1])
+    seg_ids = torch.arange(num_segs)
+    token_seg = seg_ids.repeat_interleave(seg_len)  # [T_local]
+    offset = torch.arange(total) - seg_first[token_seg]  # position inside the segment
+
+    # Tail buffer: slot k of segment g holds its token at offset seg_len - halo + k (if >= 0).
+    tail_k = offset - seg_len[token_seg] + halo
+    is_tail = tail_k >= 0
+    tail_tokens = torch.arange(total)[is_tail]
+    tail_slots = token_seg[is_tail] * halo + tail_k[is_tail]
+
+    # Conv stream: every segment preceded by its own halo, so a window never reaches the previous segment.
+    ext_tokens = torch.arange(total) + (token_seg + 1) * halo
+    ext_start = seg_first + seg_ids * halo  # [2S] where each segment's halo begins
+    ext_halo = (ext_start[:, None] + torch.arange(halo)[None, :]).reshape(-1)
+
+    # Blocks: each segment padded to a multiple of Q, so every block belongs to one segment.
+    seg_blocks = -(-seg_len // block_size)
+    block_start = seg_blocks.cumsum(0) - seg_blocks
+    block_of_token = block_start[token_seg] * block_size + offset
+    return PackedIndex(
+        seg_idx=token_seg.to(device, torch.int32)[None],
+        token_seg=token_seg.to(device),
+        seg_first=seg_first.to(device),
+        seg_stop=seg_stop.to(device),
+        tail_tokens=tail_tokens.to(device),
+        tail_slots=tail_slots.to(device),
+        ext_tokens=ext_tokens.to(device),
+        ext_halo=ext_halo.to(device),
+        num_blocks=int(seg_blocks.sum()),
+        block_of_token=block_of_token.to(device),
+        block_seg=seg_ids.repeat_interleave(seg_blocks).to(device),
+    )
+
+
+def build_segment_plan(
+    cp_size: int,
+    cp_rank: int,
+    batch: int,
+    local_len: int,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    halo: int,
+    block_size: int,
+    device: torch.device | str | None = None,
+) -> SegmentPlan:
+    """Validate a batch's layout and build rank ``cp_rank``'s :class:`SegmentPlan` (a pure function).
+
+    Args:
+        cp_size: ranks in the CP group.
+        cp_rank: this rank, ``0 <= cp_rank < cp_size``.
+        batch: ``B`` (must be 1 with ``cu_seqlens``).
+        local_len: ``L_local`` (``T_local`` for packed batches).
+        cu_seqlens: ``[S + 1]`` *global* boundaries of a packed batch, or None for BSHD.
+        halo: ``conv_kernel - 1``.
+        block_size: ``Q``, the block length of the packed per-segment reductions.
+        device: where the index tensors live (the activations' device).
+
+    Raises ``ValueError`` when a length does not split into ``2*cp`` equal chunks.
+    """
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank ({cp_rank}) must be in [0, cp_size={cp_size})")
+    if halo < 0 or block_size < 1:
+        raise ValueError(f"halo ({halo}) must be >= 0 and block_size ({block_size}) >= 1")
+    global_len = local_len * cp_size
+    packed = None
+    if cu_seqlens is None:
+        if local_len < 2 or local_len % 2 != 0:
+            raise ValueError(
+                f"global sequence length L (local length x cp_size = {local_len} x {cp_size}) must be a "
+                f"positive multiple of 2*cp_size ({2 * cp_size}): each rank holds two equal chunks"
+            )
+        num_seqs, seg_len = batch, local_len // 2
+        seg_len_S = torch.full((batch,), seg_len, dtype=torch.int64)
+    else:
+        if batch != 1:
+            raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
+        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=2 * cp_size)
+        seq_lens = torch.tensor(bounds, dtype=torch.int64).diff()
+        num_seqs, seg_len = seq_lens.numel(), None
+        seg_len_S = seq_lens // (2 * cp_size)
+        packed = _packed_index(seg_len_S, halo, block_size, device)
+
+    chain_pos = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])
+    chain_before = torch.arange(2 * cp_size)[None, :] < chain_pos[:, None]
+    halo_rows, halo_slots = halo_sources(seg_len_S, cp_size, cp_rank, halo)
+
+    return SegmentPlan(
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+        batch=batch,
+        local_len=local_len,
+        num_seqs=num_seqs,
+        halo=halo,
+        block_size=block_size,
+        seg_len=seg_len,
+        chain_pos=chain_pos.to(device),
+        chain_before=chain_before.to(device),
+        halo_rows=halo_rows.to(device),
+        halo_slots=halo_slots.to(device),
+        packed=packed,
+    )
+
+
+class SegmentPlanCache:
+    """Remembers the segment plans of recent batches so every layer of a step reuses one.
+
+    Keyed like :class:`~mamba_cp.layout.TokenPlanCache`: BSHD plans by shapes; packed plans by the
+    ``cu_seqlens`` tensor object (held weakly) and its version counter, plus the plan's parameters.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: list[tuple[tuple, weakref.ref | None, SegmentPlan]] = []
+        self.builds = 0
+        """Number of plans built (tests use it to prove per-batch reuse)."""
+
+    def get(
+        self,
+        cp_size: int,
+        cp_rank: int,
+        batch: int,
+        local_len: int,
+        cu_seqlens: torch.Tensor | None,
+        *,
+        halo: int,
+        block_size: int,
+        device: torch.device,
+    ) -> SegmentPlan:
+        """Return the plan for this batch, building (and validating) it on first use."""
+        key: tuple = (cp_size, cp_rank, batch, local_len, halo, block_size, str(device))
+        key += ("bshd",) if cu_seqlens is None else ("thd", cu_seqlens._version)
+        for k, (entry_key, source, plan) in enumerate(self._entries):
+            if entry_key == key and (source is None or source() is cu_seqlens):
+                self._entries.insert(0, self._entries.pop(k))
+                return plan
+        plan = build_segment_plan(
+            cp_size, cp_rank, batch, local_len, cu_seqlens, halo=halo, block_size=block_size, device=device
+        )
+        self.builds += 1
+        source = weakref.ref(cu_seqlens) if cu_seqlens is not None else None
+        self._entries.insert(0, (key, source, plan))
+        del self._entries[self.capacity :]
+        return plan
