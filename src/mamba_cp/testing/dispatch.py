@@ -46,11 +46,15 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _input_bytes(name: str, args: tuple) -> int:
-    """Bytes a collective sends: its input tensor (``alltoall_base_`` and friends take (output, input, ...))."""
+    """Bytes a collective is handed to send: its input tensor.
+
+    The single-tensor ``*_base_`` ops (all-to-all, all-gather, reduce-scatter) take ``(output, input, ...)``;
+    the list ops take their tensors first.
+    """
     import torch
 
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if "alltoall_base" in name and len(tensors) >= 2:
+    if name.endswith("_base_") and len(tensors) >= 2:
         return tensors[1].numel() * tensors[1].element_size()
     flat = [t for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in (tensors or flat)[:1])
