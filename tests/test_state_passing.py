@@ -27,11 +27,11 @@ from mamba_cp import Mamba2Mixer
 from mamba_cp.groups import CPGroup
 from mamba_cp.parallelize import auto_strategy
 from mamba_cp.segments import SegmentPlanCache
-from mamba_cp.state_passing import StatePassingContextParallel, bytes_per_layer
+from mamba_cp.state_passing import StatePassingContextParallel
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
-from mamba_cp.traffic import MixerDims, hidden_parallel_bytes
+from mamba_cp.traffic import MixerDims, hidden_parallel_bytes, state_passing_bytes
 
 RTOL = 1e-10  # float64 rounding is ~1e-15; any real mistake shows up at >= 1e-3
 
@@ -191,7 +191,7 @@ def test_measured_bytes_match_traffic_model() -> None:
     dims = MixerDims(num_heads=3, head_dim=2, n_groups=1, d_state=4)
     for rank_stats in _hot_path():
         for layout, num_seqs in (("bshd", 2), ("thd", 3)):
-            model = bytes_per_layer(dims, 2, conv_kernel=4, num_seqs=num_seqs, dtype_bytes=8, state_bytes=8)
+            model = state_passing_bytes(dims, 0, 2, 8, conv_kernel=4, num_seqs=num_seqs, state_bytes=8)
             assert rank_stats[layout]["forward_bytes"] == LAYERS * model["send_buffers"], layout
             assert model["off_rank"] == model["send_buffers"]  # cp - 1 = 1 peer
 
@@ -207,12 +207,12 @@ NEMOTRON_OFF_RANK = {  # cp: (state passing, hidden-parallel) bytes one rank sen
 
 @pytest.mark.parametrize("cp", sorted(NEMOTRON_OFF_RANK))
 def test_nemotron_bytes_per_layer(cp: int) -> None:
-    state = bytes_per_layer(NEMOTRON, cp, conv_kernel=4)["off_rank"]
+    state = state_passing_bytes(NEMOTRON, 131072, cp)["off_rank"]
     hidden = hidden_parallel_bytes(NEMOTRON, 128 * 1024, cp)["off_rank"]
     assert (state, hidden) == NEMOTRON_OFF_RANK[cp]
     # By hand: halos 2 x 3 tokens x 10240 channels in bf16, summaries 2 x (128*64*128 + 128) in float32.
     assert state == (cp - 1) * (2 * 3 * 10240 * 2 + 2 * (128 * 64 * 128 + 128) * 4)
-    assert bytes_per_layer(NEMOTRON, 1, conv_kernel=4)["off_rank"] == 0
+    assert state_passing_bytes(NEMOTRON, 131072, 1)["off_rank"] == 0
     assert hidden / state > 8  # 143x at cp=2, 36x at cp=4, 8.9x at cp=8
 
 

@@ -145,7 +145,7 @@ def bench(argv: Sequence[str] | None = None) -> int:
 
 def plan(argv: Sequence[str] | None = None) -> int:
     """Bytes each strategy moves off-rank per layer (forward; backward is the same) for a mixer and length."""
-    from .traffic import MixerDims, hidden_parallel_bytes, nemo_hidden_parallel_bytes
+    from .traffic import STRATEGY_BYTES, MixerDims
 
     p = argparse.ArgumentParser(prog="mamba-cp plan", description=plan.__doc__)
     p.add_argument("--heads", type=int, default=128)
@@ -157,16 +157,16 @@ def plan(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype-bytes", type=int, default=2)
     args = p.parse_args(argv)
     dims = MixerDims(args.heads, args.head_dim, args.groups, args.state)
-    strategies = {"hidden (ours)": hidden_parallel_bytes, "NeMo AutoModel 0.7": nemo_hidden_parallel_bytes}
+    names = {"hidden": "hidden (ours)", "state_passing": "state passing (ours)", "nemo_automodel": "NeMo AutoModel 0.7"}
     print(
         f"mixer: {args.heads} heads x {args.head_dim}, {args.groups} groups, state {args.state}; "
         f"{args.tokens} tokens; {args.dtype_bytes}-byte activations"
     )
     print(f"{'strategy':<22} {'cp':>3} {'MB off-rank per rank per layer (fwd)':>38}")
-    for name, fn in strategies.items():
+    for key, fn in STRATEGY_BYTES.items():
         for cp in (int(c) for c in args.cp.split(",")):
             off = fn(dims, args.tokens, cp, args.dtype_bytes)["off_rank"]
-            print(f"{name:<22} {cp:>3} {off / 1e6:>38.1f}")
+            print(f"{names[key]:<22} {cp:>3} {off / 1e6:>38.1f}")
     return 0
 
 

@@ -42,7 +42,6 @@ from .groups import resolve_cp_group
 from .kernels.ssd_reference import process_dt
 from .layout import TokenPlanCache
 from .segments import SegmentPlan, SegmentPlanCache
-from .traffic import MixerDims
 from .validation import check_divisible
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -320,34 +319,3 @@ def state_passing_factory(group, mixer: nn.Module, plans: TokenPlanCache) -> Sta
     if cache is None:
         cache = _shared_caches[plans] = SegmentPlanCache()
     return StatePassingContextParallel(group, mixer, cache)
-
-
-# --------------------------------------------------------------------------------------------------
-# Traffic model
-# --------------------------------------------------------------------------------------------------
-
-
-def bytes_per_layer(
-    dims: MixerDims,
-    cp: int,
-    *,
-    conv_kernel: int,
-    num_seqs: int = 1,
-    dtype_bytes: int = 2,
-    state_bytes: int = 4,
-) -> dict[str, int]:
-    """Bytes one rank sends in one layer's forward under state passing; independent of the sequence length.
-
-    Two all-gathers, each rank's buffer reaching ``cp - 1`` peers: the conv halos, ``2*S*(K-1)*C`` values
-    in the activation dtype (``dtype_bytes``), and the summaries, ``2*S*(H*P*N + H)`` values in
-    ``state_bytes`` (float32). ``num_seqs`` is ``B`` for BSHD, ``S`` for a packed batch. The backward pass
-    moves the same amounts (reduce-scatters). Same keys as :func:`mamba_cp.traffic.hidden_parallel_bytes`:
-    ``send_buffers`` (handed to the collectives) and ``off_rank`` (leaving the rank).
-    """
-    if cp < 1:
-        raise ValueError(f"cp ({cp}) must be >= 1")
-    conv_dim = dims.d_inner + 2 * dims.n_groups * dims.d_state
-    halos = 2 * num_seqs * (conv_kernel - 1) * conv_dim * dtype_bytes
-    summaries = 2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) * state_bytes
-    send = halos + summaries if cp > 1 else 0
-    return {"send_buffers": send, "off_rank": (cp - 1) * send}

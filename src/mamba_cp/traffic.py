@@ -1,7 +1,9 @@
 """Bytes each CP strategy moves between ranks per layer: pure arithmetic, checked against recorded runs.
 
-Counts are *off-rank* bytes sent by one rank in one mixer forward (the backward moves the same amounts the
-other way). An all-to-all keeps ``1/cp`` of its buffer on the rank, so the off-rank share is ``(cp-1)/cp``.
+Counts are bytes sent by one rank in one mixer forward (the backward moves the same amounts the other way):
+``send_buffers`` is what the rank hands to its collectives, ``off_rank`` what leaves it. An all-to-all keeps
+``1/cp`` of its buffer on the rank (off-rank share ``(cp-1)/cp``); an all-gather sends its buffer to each of
+the ``cp - 1`` peers.
 """
 
 from __future__ import annotations
@@ -48,3 +50,38 @@ def nemo_hidden_parallel_bytes(dims: MixerDims, tokens: int, cp: int, dtype_byte
     back = local * dims.d_inner
     send = (there + back) * dtype_bytes
     return {"send_buffers": send, "off_rank": send * (cp - 1) // cp}
+
+
+def state_passing_bytes(
+    dims: MixerDims,
+    tokens: int,
+    cp: int,
+    dtype_bytes: int = 2,
+    *,
+    conv_kernel: int = 4,
+    num_seqs: int = 1,
+    state_bytes: int = 4,
+) -> dict[str, int]:
+    """State passing: two all-gathers per forward, independent of the sequence length (``tokens`` unused).
+
+    Each rank's buffer reaches ``cp - 1`` peers: the conv halos, ``2*S*(K-1)*conv_dim`` values in the
+    activation dtype, and the segment summaries, ``2*S*(H*P*N + H)`` values in ``state_bytes`` (float32);
+    ``S`` is ``num_seqs`` (``B`` for BSHD, the sequence count of a packed batch). The backward pass moves
+    the same amounts (reduce-scatters).
+    """
+    del tokens
+    if cp < 1:
+        raise ValueError(f"cp ({cp}) must be >= 1")
+    conv_dim = dims.d_inner + 2 * dims.n_groups * dims.d_state
+    halos = 2 * num_seqs * (conv_kernel - 1) * conv_dim * dtype_bytes
+    summaries = 2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) * state_bytes
+    send = halos + summaries if cp > 1 else 0
+    return {"send_buffers": send, "off_rank": (cp - 1) * send}
+
+
+STRATEGY_BYTES = {
+    "hidden": hidden_parallel_bytes,
+    "state_passing": state_passing_bytes,
+    "nemo_automodel": nemo_hidden_parallel_bytes,
+}
+"""Strategy name -> ``(dims, tokens, cp, dtype_bytes) -> {"send_buffers", "off_rank"}`` per rank per layer."""
