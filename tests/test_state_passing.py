@@ -27,11 +27,12 @@ from mamba_cp import Mamba2Mixer
 from mamba_cp.groups import CPGroup
 from mamba_cp.parallelize import auto_strategy
 from mamba_cp.segments import SegmentPlanCache
+from mamba_cp.ssm_block import SSMShape
 from mamba_cp.state_passing import StatePassingContextParallel
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
-from mamba_cp.traffic import MixerDims, hidden_parallel_bytes, state_passing_bytes
+from mamba_cp.traffic import hidden_parallel_bytes, state_passing_bytes
 
 RTOL = 1e-10  # float64 rounding is ~1e-15; any real mistake shows up at >= 1e-3
 
@@ -188,7 +189,7 @@ def test_collectives_and_no_host_sync(layout: str) -> None:
 
 def test_measured_bytes_match_traffic_model() -> None:
     """The byte model is what the collectives actually carry (float64 tiny mixers, cp=2)."""
-    dims = MixerDims(num_heads=3, head_dim=2, n_groups=1, d_state=4)
+    dims = SSMShape(num_heads=3, head_dim=2, n_groups=1, d_state=4)
     for rank_stats in _hot_path():
         for layout, num_seqs in (("bshd", 2), ("thd", 3)):
             model = state_passing_bytes(dims, 0, 2, 8, conv_kernel=4, num_seqs=num_seqs, state_bytes=8)
@@ -196,7 +197,7 @@ def test_measured_bytes_match_traffic_model() -> None:
             assert model["off_rank"] == model["send_buffers"]  # cp - 1 = 1 peer
 
 
-NEMOTRON = MixerDims(num_heads=128, head_dim=64, n_groups=8, d_state=128)
+NEMOTRON = SSMShape(num_heads=128, head_dim=64, n_groups=8, d_state=128)
 """NemotronH-8B-like mixer (d_model 4096, d_conv 4) at L = 128K, bf16, B = 1; summaries in float32."""
 NEMOTRON_OFF_RANK = {  # cp: (state passing, hidden-parallel) bytes one rank sends per layer forward
     2: (8_512_512, 1_216_348_160),

@@ -5,9 +5,10 @@ import torch
 import torch.distributed as dist
 
 import mamba_cp
+from mamba_cp.ssm_block import SSMShape
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
-from mamba_cp.traffic import MixerDims, hidden_parallel_bytes, nemo_hidden_parallel_bytes
+from mamba_cp.traffic import hidden_parallel_bytes, nemo_hidden_parallel_bytes
 
 
 def _recorded_worker(rank, world, heads, groups, layout):
@@ -27,14 +28,14 @@ def _recorded_worker(rank, world, heads, groups, layout):
 @pytest.mark.parametrize("cp,heads,groups", [(2, 4, 2), (4, 4, 1), (2, 8, 8), (4, 8, 2)])
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
 def test_hidden_parallel_bytes_match_recorded_collectives(cp, heads, groups, layout):
-    dims = MixerDims(num_heads=heads, head_dim=2, n_groups=groups, d_state=4)
+    dims = SSMShape(num_heads=heads, head_dim=2, n_groups=groups, d_state=4)
     expected = hidden_parallel_bytes(dims, tokens=16 * cp, cp=cp, dtype_bytes=4)["send_buffers"]
     assert run_on_ranks(_recorded_worker, cp, heads, groups, layout) == [expected] * cp
 
 
 def test_nemotron_8b_like_byte_counts():
     """d_model 4096, 128 heads x 64, 8 groups, d_state 128, bf16, L = 128K: z staying home saves ~1/3."""
-    dims = MixerDims(num_heads=128, head_dim=64, n_groups=8, d_state=128)
+    dims = SSMShape(num_heads=128, head_dim=64, n_groups=8, d_state=128)
     ours = hidden_parallel_bytes(dims, tokens=131072, cp=2)
     nemo = nemo_hidden_parallel_bytes(dims, tokens=131072, cp=2)
     # per rank: 65536 tokens x (8192 + 2*1024 + 128 + 8192) x 2 bytes = 2.42 GB buffers, half of it off-rank

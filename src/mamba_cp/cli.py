@@ -145,7 +145,8 @@ def bench(argv: Sequence[str] | None = None) -> int:
 
 def plan(argv: Sequence[str] | None = None) -> int:
     """Bytes each strategy moves off-rank per layer (forward; backward is the same) for a mixer and length."""
-    from .traffic import STRATEGY_BYTES, MixerDims
+    from .ssm_block import SSMShape
+    from .traffic import STRATEGY_BYTES
 
     p = argparse.ArgumentParser(prog="mamba-cp plan", description=plan.__doc__)
     p.add_argument("--heads", type=int, default=128)
@@ -156,7 +157,7 @@ def plan(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cp", type=str, default="2,4,8")
     p.add_argument("--dtype-bytes", type=int, default=2)
     args = p.parse_args(argv)
-    dims = MixerDims(args.heads, args.head_dim, args.groups, args.state)
+    dims = SSMShape(args.heads, args.head_dim, args.groups, args.state)
     names = {"hidden": "hidden (ours)", "state_passing": "state passing (ours)", "nemo_automodel": "NeMo AutoModel 0.7"}
     print(
         f"mixer: {args.heads} heads x {args.head_dim}, {args.groups} groups, state {args.state}; "

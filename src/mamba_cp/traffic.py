@@ -8,29 +8,15 @@ the ``cp - 1`` peers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .ssm_block import SSMShape
 
 
-@dataclass(frozen=True, slots=True)
-class MixerDims:
-    """The sizes that set a Mamba2 mixer's CP traffic."""
-
-    num_heads: int
-    head_dim: int
-    n_groups: int
-    d_state: int
-
-    @property
-    def d_inner(self) -> int:
-        return self.num_heads * self.head_dim
-
-
-def _bc_width(dims: MixerDims, cp: int) -> int:
+def _bc_width(dims: SSMShape, cp: int) -> int:
     """Width of B (or C) in the send buffer: groups are repeated when there are fewer groups than ranks."""
     return max(dims.n_groups, cp) * dims.d_state
 
 
-def hidden_parallel_bytes(dims: MixerDims, tokens: int, cp: int, dtype_bytes: int = 2) -> dict[str, int]:
+def hidden_parallel_bytes(dims: SSMShape, tokens: int, cp: int, dtype_bytes: int = 2) -> dict[str, int]:
     """Ours: ``x | B | C | dt`` out in one all-to-all, ``y`` back in one; ``z`` stays home.
 
     ``tokens`` is the global ``B * L`` (or ``T``). Returns per-rank forward bytes: the buffers handed to the
@@ -43,7 +29,7 @@ def hidden_parallel_bytes(dims: MixerDims, tokens: int, cp: int, dtype_bytes: in
     return {"send_buffers": send, "off_rank": send * (cp - 1) // cp}
 
 
-def nemo_hidden_parallel_bytes(dims: MixerDims, tokens: int, cp: int, dtype_bytes: int = 2) -> dict[str, int]:
+def nemo_hidden_parallel_bytes(dims: SSMShape, tokens: int, cp: int, dtype_bytes: int = 2) -> dict[str, int]:
     """NeMo AutoModel 0.7's module: ``z, x, B, C, dt`` in five all-to-alls (``z`` travels too), ``y`` back."""
     local = tokens // cp
     there = local * (2 * dims.d_inner + 2 * _bc_width(dims, cp) + dims.num_heads)
@@ -53,7 +39,7 @@ def nemo_hidden_parallel_bytes(dims: MixerDims, tokens: int, cp: int, dtype_byte
 
 
 def state_passing_bytes(
-    dims: MixerDims,
+    dims: SSMShape,
     tokens: int,
     cp: int,
     dtype_bytes: int = 2,
@@ -72,8 +58,7 @@ def state_passing_bytes(
     del tokens
     if cp < 1:
         raise ValueError(f"cp ({cp}) must be >= 1")
-    conv_dim = dims.d_inner + 2 * dims.n_groups * dims.d_state
-    halos = 2 * num_seqs * (conv_kernel - 1) * conv_dim * dtype_bytes
+    halos = 2 * num_seqs * (conv_kernel - 1) * dims.conv_dim * dtype_bytes
     summaries = 2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) * state_bytes
     send = halos + summaries if cp > 1 else 0
     return {"send_buffers": send, "off_rank": (cp - 1) * send}
