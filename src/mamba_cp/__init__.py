@@ -1,10 +1,14 @@
 """mamba-cp: exact context parallelism for Mamba2 / SSD layers.
 
-``parallelize(model, cp_group)`` makes every :class:`Mamba2Mixer` in a model context-parallel;
+``parallelize(model, cp_group)`` makes every :class:`Mamba2Mixer` in a model context-parallel (transformers'
+Mamba2 models and Mamba2 / attention hybrids too, attention layers included; :func:`batch_context` carries a
+packed batch's ``cu_seqlens`` to every layer);
 :mod:`mamba_cp.sharding` cuts batches into the head-tail layout; :class:`MambaContextParallel` and the
 transport / layout functions are NeMo AutoModel's ``mamba_cp`` API (the underscore names too).
 """
 
+from .attention import UlyssesAttention
+from .context import BatchContext, batch_context, current_batch
 from .gradients import all_reduce_gradients
 from .groups import CPGroup, resolve_cp_group
 from .hidden_parallel import MambaContextParallel
@@ -45,6 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllToAll",
+    "BatchContext",
     "CPGroup",
     "GatedRMSNorm",
     "Mamba2Mixer",
@@ -54,13 +59,16 @@ __all__ = [
     "StatePassingContextParallel",
     "TokenPlan",
     "TokenPlanCache",
+    "UlyssesAttention",
     "all_reduce_gradients",
     "all_to_all",
     "all_to_all_cp2hp",
     "all_to_all_hp2cp",
     "auto_strategy",
+    "batch_context",
     "build_segment_plan",
     "build_token_plan",
+    "current_batch",
     "deinterleave_packed_seqs",
     "find_mixers",
     "gather_sequence",

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from . import integrations
 from .consistency import check_ranks_agree, debug_from_env
 from .groups import CPGroup, resolve_cp_group
 from .hidden_parallel import MambaContextParallel
@@ -71,7 +72,7 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
         strategy = "state_passing"
     if strategy not in STRATEGIES and strategy != "auto":
         raise ValueError(f"unknown CP strategy {strategy!r}; choose one of {sorted([*STRATEGIES, 'auto'])}")
-    mixers = find_mixers(module)
+    mixers = find_mixers(integrations.convert_mixers(module))  # transformers mixers become ours, in place
     if not mixers:
         raise ValueError(f"{type(module).__name__} contains no Mamba2Mixer to parallelize")
     group = resolve_cp_group(cp_group)
@@ -87,4 +88,5 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
             mixer.context_parallel = STRATEGIES[chosen](group, mixer, plans)
         except ValueError as err:
             raise ValueError(f"cannot parallelize mixer {name or type(mixer).__name__!r}: {err}") from err
+    integrations.parallelize_attention(module, group, plans)  # hybrid models: attention layers and positions
     return module

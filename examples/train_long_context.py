@@ -1,0 +1,251 @@
+"""Train a small NemotronH hybrid (Mamba2 + attention) with and without context parallelism; compare the losses.
+
+The model is built from a config (no download): Mamba2, attention, MLP, Mamba2, MLP layers. Every step shards
+one batch over the CP ranks with ``mamba_cp.shard`` (BSHD, or packed THD with ``--packed``), runs forward and
+backward, sums the gradients over the CP group and takes an AdamW step. Rank 0 then trains an identical copy
+without CP on the whole batches, and prints both loss curves side by side.
+
+CPU (spawns its own gloo ranks, float64; the curves agree to float64 rounding)::
+
+    python examples/train_long_context.py --cp 2 [--packed] [--plot losses.png]
+
+GPUs (one process per GPU, nccl, bf16; the curves agree within bf16 noise)::
+
+    torchrun --nproc-per-node 2 examples/train_long_context.py --dtype bfloat16 --seq-len 8192
+
+Gradients are summed over the CP group by ``mamba_cp.all_reduce_gradients`` in :func:`sync_gradients`; with
+FSDP2 over a ``dp x cp`` mesh that call goes away (its reduce-scatter sums over CP too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import NemotronHConfig, NemotronHForCausalLM
+
+import mamba_cp
+from mamba_cp.integrations.transformers import KeepFloat64
+from mamba_cp.testing import run_on_ranks
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """What to train and how."""
+
+    cp: int = 2
+    """CP ranks (spawned on CPU; under torchrun the world size)."""
+    steps: int = 12
+    """Optimizer steps."""
+    seq_len: int = 64
+    """Tokens per row (BSHD) or in the whole pack (THD); a multiple of 2*cp (and of 4*cp with --packed)."""
+    batch: int = 2
+    """Rows per step (BSHD)."""
+    packed: bool = False
+    """Pack sequences of unequal lengths into one row (THD with cu_seqlens) instead of BSHD rows."""
+    dtype: str = "float64"
+    """Parameter dtype: float64 (CPU exactness) or bfloat16 (GPU)."""
+    lr: float = 1e-2
+    seed: int = 0
+    hidden_size: int = 64
+    vocab_size: int = 96
+    plot: str | None = None
+    """Write the two loss curves to this PNG (needs matplotlib)."""
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> NemotronHForCausalLM:
+    """A small NemotronH with two Mamba2 layers and one attention layer, seeded identically on every rank."""
+    torch.manual_seed(cfg.seed)
+    config = NemotronHConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * cfg.hidden_size,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        n_groups=2,
+        ssm_state_size=16,
+        conv_kernel=4,
+        chunk_size=16,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
+    return NemotronHForCausalLM(config).to(device=device, dtype=getattr(torch, cfg.dtype))
+
+
+def make_batch(cfg: TrainConfig, step: int, device: torch.device):
+    """Synthetic sequences ``x_t = (start + t * stride) mod V``: learnable, so the loss falls.
+
+    Returns global ``input_ids`` and next-token ``labels`` (``-100`` on each sequence's last token) of shape
+    ``[B, L]`` (or ``[1, T]`` packed) and the packed batch's ``cu_seqlens`` (None for BSHD).
+    """
+    gen = torch.Generator().manual_seed(1000 + step)
+    if cfg.packed:
+        unit = 4 * cfg.cp  # two sequences of unequal lengths, each a multiple of 2*cp
+        first = unit * int(torch.randint(1, cfg.seq_len // unit, (), generator=gen))
+        lengths = [first, cfg.seq_len - first]
+    else:
+        lengths = [cfg.seq_len] * cfg.batch
+    rows, labels = [], []
+    for n in lengths:
+        start, stride = torch.randint(0, cfg.vocab_size, (2,), generator=gen).tolist()
+        seq = (start + torch.arange(n) * (stride % 7 + 1)) % cfg.vocab_size
+        rows.append(seq)
+        labels.append(torch.cat([seq[1:], torch.tensor([-100])]))  # shifted globally, before sharding
+    if cfg.packed:
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return torch.cat(rows)[None].to(device), torch.cat(labels)[None].to(device), cu_seqlens.to(device)
+    return torch.stack(rows).to(device), torch.stack(labels).to(device), None
+
+
+def sync_gradients(model: torch.nn.Module, cp_group) -> None:
+    """Sum every gradient over the CP group (each rank holds its own tokens' share). Replace with FSDP2."""
+    mamba_cp.all_reduce_gradients(model, cp_group)
+
+
+def train(model: torch.nn.Module, cfg: TrainConfig, cp_group, device: torch.device) -> list[float]:
+    """``cfg.steps`` AdamW steps; returns the global mean next-token loss of every step."""
+    group = mamba_cp.resolve_cp_group(cp_group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        input_ids, labels, cu_seqlens = make_batch(cfg, step, device)
+        # This rank's head-tail shard of the batch (every rank of the group reads the same global batch).
+        ids_local = mamba_cp.shard(input_ids, group.size, group.rank, seq_dim=1, cu_seqlens=cu_seqlens)
+        labels_local = mamba_cp.shard(labels, group.size, group.rank, seq_dim=1, cu_seqlens=cu_seqlens)
+        # Every layer reads the batch's layout from the context; backward stays inside it too, since activation
+        # checkpointing re-runs layers' forwards during backward.
+        with mamba_cp.batch_context(cu_seqlens=cu_seqlens, cp_group=group):
+            logits = model(input_ids=ids_local).logits
+            loss_sum = F.cross_entropy(
+                logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                labels_local.flatten(),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            loss = loss_sum / (labels != -100).sum()  # global token count: the ranks' losses sum to the mean
+            loss.backward()
+        sync_gradients(model, group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        if group.size > 1:
+            dist.all_reduce(total, group=group.group)
+        losses.append(total.item())
+    return losses
+
+
+def worker(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[float], list[float]] | None:
+    """One rank: train with CP; rank 0 then trains the same model without CP. Returns rank 0's two curves."""
+    cfg = TrainConfig(**cfg_dict)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if torch.cuda.is_available() else None
+    device = device or torch.device("cpu")
+    # transformers computes RMSNorm products, softmax and logits in float32 even for float64 models; for the
+    # exactness run keep them float64 so both curves are float64 end to end (does nothing for bf16).
+    precision = KeepFloat64() if cfg.dtype == "float64" else contextlib.nullcontext()
+    with precision:
+        model = build_model(cfg, device)
+        reference = copy.deepcopy(model)
+        cp_losses = train(mamba_cp.parallelize(model, dist.group.WORLD), cfg, dist.group.WORLD, device)
+        del model
+        dist.barrier()
+        if rank != 0:
+            return None
+        ref_losses = train(mamba_cp.parallelize(reference, None), cfg, None, device)
+    return cp_losses, ref_losses
+
+
+def report(cfg: TrainConfig, cp_losses: list[float], ref_losses: list[float]) -> float:
+    """Print both curves; returns the largest relative difference."""
+    layout = "packed THD" if cfg.packed else f"BSHD B={cfg.batch}"
+    print(f"NemotronH hybrid, {layout}, {cfg.seq_len} tokens, {cfg.dtype}, cp={cfg.cp}")
+    print(f"{'step':>4}  {'loss (cp=' + str(cfg.cp) + ')':>22}  {'loss (no CP)':>22}  {'rel. diff':>9}")
+    worst = 0.0
+    for step, (a, b) in enumerate(zip(cp_losses, ref_losses, strict=True)):
+        rel = abs(a - b) / abs(b)
+        worst = max(worst, rel)
+        print(f"{step:>4}  {a:>22.16f}  {b:>22.16f}  {rel:>9.1e}")
+    print(f"largest relative difference: {worst:.1e}")
+    return worst
+
+
+def plot(path: str, cfg: TrainConfig, cp_losses: list[float], ref_losses: list[float]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit(f"--plot needs matplotlib ({err}); install it with `pip install matplotlib`") from err
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ref_losses, "o-", label="no CP")
+    ax.plot(cp_losses, "x--", label=f"CP over {cfg.cp} ranks")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.set_title(f"NemotronH hybrid, {'packed' if cfg.packed else 'BSHD'}, {cfg.dtype}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = TrainConfig()
+    parser.add_argument("--cp", type=int, default=defaults.cp, help="CP ranks to spawn on CPU (torchrun: ignored)")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--packed", action="store_true", help="pack two sequences per step (THD, cu_seqlens)")
+    parser.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--plot", metavar="PNG", help="write both loss curves to this PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+    return TrainConfig(
+        cp=args.cp,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        packed=args.packed,
+        dtype=args.dtype,
+        lr=args.lr,
+        hidden_size=args.hidden_size,
+        plot=args.plot,
+    )
+
+
+def main(argv: list[str] | None = None) -> tuple[list[float], list[float]] | None:
+    """Run the comparison; returns ``(cp_losses, reference_losses)`` on the reporting process."""
+    cfg = parse_args(argv)
+    if "RANK" in os.environ:  # launched by torchrun: this process is one rank
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+        cfg.cp = dist.get_world_size()
+        try:
+            curves = worker(dist.get_rank(), cfg.cp, asdict(cfg))
+        finally:
+            dist.destroy_process_group()
+    else:  # spawn cfg.cp gloo ranks on this machine
+        curves = run_on_ranks(worker, cfg.cp, asdict(cfg), timeout=600)[0]
+    if curves is None:
+        return None
+    report(cfg, *curves)
+    if cfg.plot:
+        plot(cfg.plot, cfg, *curves)
+    return curves
+
+
+if __name__ == "__main__":
+    main()
