@@ -9,7 +9,8 @@ CPU (spawns its own gloo ranks, float64; the curves agree to float64 rounding)::
 
     python examples/train_long_context.py --cp 2 [--packed] [--plot losses.png]
 
-GPUs (one process per GPU, nccl, bf16; the curves agree within bf16 noise)::
+GPUs (one process per GPU, nccl, bf16; the curves agree within bf16 noise: at most 4e-4 relative on two H200s
+at 8192 tokens, BSHD and packed)::
 
     torchrun --nproc-per-node 2 examples/train_long_context.py --dtype bfloat16 --seq-len 8192
 
@@ -228,10 +229,12 @@ def main(argv: list[str] | None = None) -> tuple[list[float], list[float]] | Non
     """Run the comparison; returns ``(cp_losses, reference_losses)`` on the reporting process."""
     cfg = parse_args(argv)
     if "RANK" in os.environ:  # launched by torchrun: this process is one rank
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
         cfg.cp = dist.get_world_size()
         try:
             curves = worker(dist.get_rank(), cfg.cp, asdict(cfg))
