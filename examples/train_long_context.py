@@ -92,6 +92,8 @@ def make_batch(cfg: TrainConfig, step: int, device: torch.device):
     gen = torch.Generator().manual_seed(1000 + step)
     if cfg.packed:
         unit = 4 * cfg.cp  # two sequences of unequal lengths, each a multiple of 2*cp
+        if cfg.seq_len % unit or cfg.seq_len < 2 * unit:
+            raise ValueError(f"--packed needs --seq-len a multiple of 4*cp ({unit}), at least {2 * unit}")
         first = unit * int(torch.randint(1, cfg.seq_len // unit, (), generator=gen))
         lengths = [first, cfg.seq_len - first]
     else:
