@@ -417,7 +417,8 @@ def parity_checks(args, rank: int, world: int, device: torch.device, nemo_cls) -
     if world == 1:
         return []
     if device.type == "cuda":
-        dims = dict(hidden_size=256, num_heads=8, head_dim=64, n_groups=2, state_size=64, chunk_size=64)
+        # The benchmark's head_dim / d_state / chunk: mamba_ssm's autotuned configs are reused, not re-tuned.
+        dims = dict(hidden_size=256, num_heads=8, head_dim=64, n_groups=2, state_size=128, chunk_size=128)
         bshd, thd = dict(batch=2, seqlen=512), dict(seqlens=[128, 64, 256, 64, 512])
     else:
         dims = dict(hidden_size=16, num_heads=4, head_dim=4, n_groups=2, state_size=8, chunk_size=8)
@@ -428,7 +429,10 @@ def parity_checks(args, rank: int, world: int, device: torch.device, nemo_cls) -
         for dtype in dtypes:
             for layout, extra in (("bshd", bshd), ("thd", thd)):
                 case = ParityCase(layout=layout, dtype=dtype, strategy=strategy, **dims, **extra)
-                res = parity_worker(rank, world, case_dict(case), device=str(device))
+                # float32 runs the reference kernels on the GPU (a second mamba_ssm autotune costs minutes);
+                # what differs between cp=1 and cp=2 is the transport, which runs either way.
+                with _kernels_env("reference" if dtype == "float32" else "auto"):
+                    res = parity_worker(rank, world, case_dict(case), device=str(device))
                 gathered = [None] * world
                 dist.all_gather_object(gathered, res)
                 worst = worst_relative(gathered)
@@ -437,8 +441,22 @@ def parity_checks(args, rank: int, world: int, device: torch.device, nemo_cls) -
         for dtype in dtypes:
             for layout, extra in (("bshd", bshd), ("thd", thd)):
                 case = ParityCase(layout=layout, dtype=dtype, **dims, **extra)
-                rows.append(_nemo_parity(case, rank, world, device, nemo_cls))
+                with _kernels_env("reference" if dtype == "float32" else "auto"):
+                    rows.append(_nemo_parity(case, rank, world, device, nemo_cls))
     return rows
+
+
+@contextlib.contextmanager
+def _kernels_env(mode: str):
+    old = os.environ.get(kernels.KERNELS_ENV)
+    os.environ[kernels.KERNELS_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(kernels.KERNELS_ENV, None)
+        else:
+            os.environ[kernels.KERNELS_ENV] = old
 
 
 def _nemo_parity(case, rank: int, world: int, device, nemo_cls) -> dict:
@@ -535,10 +553,11 @@ def plot(report: dict, path: Path) -> str:
     for layout, style in (("bshd", "-"), ("thd", "--")):
         for impl in impls:
             rows = [r for r in report["results"] if r["impl"] == impl and r["layout"] == layout]
+            timed = [r for r in rows if r["ms"] is not None]
             rows.sort(key=lambda r: r["L"])
             label = f"{impl} {layout}"
-            if rows:
-                axes[0].plot([r["L"] for r in rows], [r["ms"] for r in rows], style, marker="o", label=label)
+            if timed:
+                axes[0].plot([r["L"] for r in timed], [r["ms"] for r in timed], style, marker="o", label=label)
             trows = [r for r in rows if r.get("transport")]
             if trows:
                 axes[1].plot([r["L"] for r in trows], [r["transport"]["total"] for r in trows], style, marker="o",
@@ -568,6 +587,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategies", default="all", help="comma-separated names from STRATEGIES, or 'all'")
     p.add_argument("--no-nemo", action="store_true", help="skip NeMo AutoModel's module")
     p.add_argument("--no-cp1", action="store_true", help="skip the cp=1 baseline")
+    p.add_argument("--pipelined", default="", help="also run hidden-parallel with its transport in K chunks (K,K2,..)")
+    p.add_argument("--transport-only", action="store_true", help="time only the transports (no kernels, no cp1)")
     p.add_argument("--nemo-path", default=os.environ.get("MAMBA_CP_NEMO_PATH", str(DEFAULT_NEMO)))
     p.add_argument("--docs", type=int, default=64, help="documents in the packed (THD) batch")
     p.add_argument("--dtype", default="bfloat16")
@@ -620,12 +641,6 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
         "parity": [],
     }
-    if args.parity:
-        report["parity"] = parity_checks(args, rank, world, device, nemo_cls)
-        for p in report["parity"]:
-            name, val = max(p["worst"].items(), key=lambda kv: kv[1])
-            log(f"[parity] {p['check']:<26} {p['layout']} {p['dtype']:<9} worst {val:.2e} ({name})", flush=True)
-
     torch.manual_seed(args.seed)
     base = Mamba2Mixer(**MODELS[model], device=device, dtype=dtype)
     cp1_ms: dict[tuple[str, int], float] = {}
@@ -642,44 +657,67 @@ def main(argv: list[str] | None = None) -> int:
                 key = (layout, length)
                 if impl == "cp1":
                     cp1_ms[key] = timing["ms"]
-                row["efficiency"] = cp1_ms[key] / (cp * timing["ms"]) if key in cp1_ms and cp > 1 else None
+                timed = timing["ms"] is not None and key in cp1_ms and cp > 1
+                row["efficiency"] = cp1_ms[key] / (cp * timing["ms"]) if timed else None
                 report["results"].append(row)
                 tr = f" transport {transport['total']:.2f} ms" if transport else ""
                 peak = f" peak {timing['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in timing else ""
                 eff = f" eff {row['efficiency']:.3f}" if row["efficiency"] is not None else ""
-                log(f"[bench] L={length} {layout} cp={cp} {impl}: {timing['ms']:.2f} ms{tr}{peak}{eff}", flush=True)
+                log(
+                    f"[bench] L={length} {layout} cp={cp} {impl}: {_fmt_ms(timing['ms'])} ms{tr}{peak}{eff}", flush=True
+                )
 
-            if not args.no_cp1:
+            if not args.no_cp1 and not args.transport_only:
                 ref = copy.deepcopy(base)
                 step = mixer_step(ref, case.x, case.grad, case.cu_dev)
                 record("cp1", 1, time_step(step, clock, warmup, iters, device))
                 del ref
                 _free(device)
             if world > 1:
-                for name in strategies:
+                variants = [(name, None) for name in strategies]
+                if args.transport_only:
+                    variants = [v for v in variants if v[0] == "hidden"]
+                if args.pipelined and "hidden" in strategies:
+                    at = variants.index(("hidden", None)) + 1
+                    variants[at:at] = [("hidden", int(k)) for k in args.pipelined.split(",")]
+                for name, chunks in variants:
                     m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name)
-                    step = mixer_step(m, case.x_local, case.grad_local, case.cu_dev)
-                    timing = time_step(step, clock, warmup, iters, device)
-                    offrank, calls = count_bytes(step, world)
+                    if chunks is not None:
+                        m.context_parallel.transport_chunks = chunks
                     transport = None
                     if name == "hidden":
                         parts = transport_parts("ours", m.context_parallel, m, case)
                         transport = time_parts(parts, clock, warmup, iters, device)
-                    record(f"ours:{name}", world, timing, _max_over_ranks(offrank, device), transport, calls)
+                    step = (
+                        _chain(parts.values())
+                        if args.transport_only
+                        else mixer_step(m, case.x_local, case.grad_local, case.cu_dev)
+                    )
+                    timing = {"ms": None} if args.transport_only else time_step(step, clock, warmup, iters, device)
+                    offrank, calls = count_bytes(step, world)
+                    label = f"ours:{name}" + (f"[pipelined x{chunks}]" if chunks is not None else "")
+                    record(label, world, timing, _max_over_ranks(offrank, device), transport, calls)
                     del m, step
                     _free(device)
                 if nemo_cls is not None:
                     m = copy.deepcopy(base)
                     ncp = nemo_cls(dist.group.WORLD, m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size, m)
-                    step = nemo_step(m, ncp, case)
-                    timing = time_step(step, clock, warmup, iters, device)
+                    parts = transport_parts("nemo", ncp, m, case)
+                    transport = time_parts(parts, clock, warmup, iters, device)
+                    step = _chain(parts.values()) if args.transport_only else nemo_step(m, ncp, case)
+                    timing = {"ms": None} if args.transport_only else time_step(step, clock, warmup, iters, device)
                     offrank, calls = count_bytes(step, world)
-                    transport = time_parts(transport_parts("nemo", ncp, m, case), clock, warmup, iters, device)
                     record("nemo", world, timing, _max_over_ranks(offrank, device), transport, calls)
                     del m, ncp, step
                     _free(device)
             del case
             _free(device)
+
+    if args.parity:  # after the timings: it reuses their autotuned kernels
+        report["parity"] = parity_checks(args, rank, world, device, nemo_cls)
+        for p in report["parity"]:
+            name, val = max(p["worst"].items(), key=lambda kv: kv[1])
+            log(f"[parity] {p['check']:<26} {p['layout']} {p['dtype']:<9} worst {val:.2e} ({name})", flush=True)
 
     if rank == 0:
         out = Path(args.out)
@@ -693,6 +731,16 @@ def main(argv: list[str] | None = None) -> int:
     if created:
         dist.destroy_process_group()
     return 0
+
+
+def _chain(fns) -> Callable[[], None]:
+    fns = list(fns)
+
+    def run() -> None:
+        for fn in fns:
+            fn()
+
+    return run
 
 
 def _free(device: torch.device) -> None:

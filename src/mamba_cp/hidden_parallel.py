@@ -21,7 +21,7 @@ import torch.nn as nn
 from .groups import resolve_cp_group
 from .layout import TokenPlan, TokenPlanCache
 from .ssm_block import SSMShape, conv_ssd
-from .transport import heads_to_seq, seq_to_heads
+from .transport import heads_to_seq, heads_to_seq_chunked, seq_to_heads, seq_to_heads_chunked_segments
 from .validation import check_divisible
 
 
@@ -76,6 +76,11 @@ class MambaContextParallel:
             self.group_repeat_count = 1
             self.n_groups_local = n_groups // self.cp_size
         self.local_shape = SSMShape(self.num_heads_local, head_dim, self.n_groups_local, d_state)
+        self.transport_chunks: int | None = None
+        """None: the mixer's transport is one all-to-all each way (the measured default). ``k >= 1``: the
+        pipelined transport in ``k`` row chunks, each chunk's all-to-all overlapping its neighbours' pack and
+        unpack copies, with a backward that writes the input gradients directly (CPU-exact; not yet timed on
+        GPUs, see BENCHMARKS.md)."""
 
     # ------------------------------------------------------------------ parameter slices
 
@@ -157,8 +162,15 @@ class MambaContextParallel:
         self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, plan: TokenPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``xBC`` ``[B, L_local, conv_dim]`` and ``dt`` ``[B, L_local, H]`` to this rank's heads over whole
-        sequences in true order: ``[B, L, conv_dim_local]`` and ``[B, L, H_local]``. One all-to-all."""
+        sequences in true order: ``[B, L, conv_dim_local]`` and ``[B, L, H_local]``. One all-to-all (one per
+        chunk with :attr:`transport_chunks`)."""
         gn = self.n_groups * self.d_state
+        if self.transport_chunks is not None and self.group_repeat_count == 1:
+            # Column ranges of xBC and dt travel as they are; the backward writes their gradients directly.
+            segments = [(0, 0, self.d_inner), (0, self.d_inner, gn), (0, self.d_inner + gn, gn), (1, 0, self.num_heads)]
+            chunks = max(1, self.transport_chunks)
+            ordered = seq_to_heads_chunked_segments([xBC_BLC, dt_BLH], segments, plan, self.cp_group, chunks)
+            return tuple(torch.split(ordered, [self.local_shape.conv_dim, self.num_heads_local], dim=-1))
         x, B, C = torch.split(xBC_BLC, [self.d_inner, gn, gn], dim=-1)
         parts = [
             self._columns_per_rank(x, "heads"),
@@ -174,6 +186,8 @@ class MambaContextParallel:
 
     def gather(self, y_BLD: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         """``y`` ``[B, L, d_inner_local]`` back to this rank's tokens ``[B, L_local, d_inner]``."""
+        if self.transport_chunks is not None:
+            return heads_to_seq_chunked(y_BLD, plan, self.cp_group, max(1, self.transport_chunks))
         return heads_to_seq(y_BLD, plan, self.cp_group)
 
     def conv_ssd(self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, plan: TokenPlan) -> torch.Tensor:

@@ -11,7 +11,7 @@ tensor, rank-major order, no reorder) are kept for API compatibility.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,176 @@ def heads_to_seq(y: torch.Tensor, plan: TokenPlan, group: dist.ProcessGroup) -> 
     send = permute_rows(y.reshape(b * cp * l_local, width), plan.to_ranks, plan.to_sequence)
     recv = all_to_all(send, group).view(cp, b * l_local, width)
     return recv.transpose(0, 1).reshape(b, l_local, cp * width)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelined hot path: the same traffic in row chunks, each chunk's all-to-all overlapping the next
+# chunk's pack and the previous chunk's unpack (used by the hidden-parallel mixer on CUDA).
+# --------------------------------------------------------------------------------------------------
+
+Segment = tuple[int, int, int]
+"""``(source index, first column, width)``: a column range of a source, split equally over the ranks."""
+
+
+def _chunk_bounds(rows: int, chunks: int) -> list[tuple[int, int]]:
+    step = -(-rows // max(1, chunks))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _rank_rows(plan: TokenPlan, r0: int, r1: int) -> torch.Tensor:
+    """Sequence-order rows of local rows ``[r0, r1)`` of every rank: ``[cp * (r1 - r0)]``, rank-major."""
+    return plan.to_ranks.view(plan.cp_size, plan.batch * plan.local_len)[:, r0:r1].reshape(-1)
+
+
+def _pipeline(
+    chunks: list[tuple[int, int]], send: Callable, finish: Callable, group: dist.ProcessGroup, direction: str
+) -> None:
+    """For each chunk: ``buf = send(r0, r1)``, an async all-to-all, then ``finish(r0, r1, recv)`` one chunk
+    later, so a chunk's collective runs while the compute stream packs the next one and unpacks the last."""
+    pending: list[tuple] = []
+    buf = None
+    try:
+        for r0, r1 in chunks:
+            buf = send(r0, r1)
+            recv = torch.empty_like(buf)
+            pending.append((dist.all_to_all_single(recv, buf, group=group, async_op=True), buf, recv, r0, r1))
+            if len(pending) > 1:
+                work, _, done, a, b = pending.pop(0)
+                work.wait()
+                finish(a, b, done)
+        for work, _, done, a, b in pending:
+            work.wait()
+            finish(a, b, done)
+    except RuntimeError as err:  # a peer died, timed out, or sent a different shape: same message as _exchange
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        shape = tuple(buf.shape) if buf is not None else None
+        raise RuntimeError(
+            f"mamba_cp all-to-all ({direction}) failed on CP rank {rank} of {size} with a local buffer of shape "
+            f"{shape}: another rank probably raised, crashed or passed a batch of another shape "
+            f"(MAMBA_CP_DEBUG=1 checks shapes and cu_seqlens across ranks first). Cause: {err}"
+        ) from err
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """Column segments of sequence-sharded sources -> this rank's columns over whole sequences, true order.
+
+    Forward per chunk: one pack copy, an all-to-all, one row scatter into the output. Backward per chunk:
+    one row gather, an all-to-all, one unpack copy straight into contiguous gradients of the sources.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, group, segments, chunks, *sources):
+        cp, bl = plan.cp_size, plan.batch * plan.local_len
+        flat = [s.reshape(bl, s.shape[-1]) for s in sources]
+        width = sum(w // cp for _, _, w in segments)
+        out = sources[0].new_empty(cp * bl, width)
+
+        def send(r0: int, r1: int) -> torch.Tensor:
+            n = r1 - r0
+            cols = [flat[i][r0:r1, a : a + w].view(n, cp, w // cp).transpose(0, 1) for i, a, w in segments]
+            return torch.cat(cols, dim=-1)  # [cp, n, width], the all-to-all's rank-major layout
+
+        def finish(r0: int, r1: int, recv: torch.Tensor) -> None:
+            out.index_copy_(0, _rank_rows(plan, r0, r1), recv.view(-1, width))
+
+        _pipeline(_chunk_bounds(bl, chunks), send, finish, group, "forward")
+        ctx.plan, ctx.group, ctx.segments, ctx.chunks = plan, group, segments, chunks
+        ctx.shapes = [(s.shape, s.dtype) for s in sources]
+        return out.view(plan.batch, cp * plan.local_len, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan, cp, segments = ctx.plan, ctx.plan.cp_size, ctx.segments
+        bl = plan.batch * plan.local_len
+        g = grad.reshape(cp * bl, grad.shape[-1])
+        covered = [0] * len(ctx.shapes)
+        for i, _, w in segments:
+            covered[i] += w
+        grads = [
+            (grad.new_empty if covered[i] == shape[-1] else grad.new_zeros)(shape, dtype=dtype)
+            for i, (shape, dtype) in enumerate(ctx.shapes)
+        ]
+        flat = [t.view(bl, t.shape[-1]) for t in grads]
+
+        def send(r0: int, r1: int) -> torch.Tensor:
+            return g.index_select(0, _rank_rows(plan, r0, r1)).view(cp, r1 - r0, g.shape[-1])
+
+        def finish(r0: int, r1: int, recv: torch.Tensor) -> None:
+            n, off = r1 - r0, 0
+            for i, a, w in segments:
+                flat[i][r0:r1, a : a + w].view(n, cp, w // cp).transpose(0, 1).copy_(recv[:, :, off : off + w // cp])
+                off += w // cp
+
+        _pipeline(_chunk_bounds(bl, ctx.chunks), send, finish, ctx.group, "backward")
+        return (None, None, None, None, *grads)
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """This rank's columns over whole sequences (true order) -> this rank's tokens, every rank's columns."""
+
+    @staticmethod
+    def forward(ctx, plan, group, chunks, y):
+        cp, bl, width = plan.cp_size, plan.batch * plan.local_len, y.shape[-1]
+        yf = y.reshape(cp * bl, width)
+        out = y.new_empty(bl, cp, width)
+
+        def send(r0: int, r1: int) -> torch.Tensor:
+            return yf.index_select(0, _rank_rows(plan, r0, r1)).view(cp, r1 - r0, width)
+
+        def finish(r0: int, r1: int, recv: torch.Tensor) -> None:
+            out[r0:r1].copy_(recv.transpose(0, 1))
+
+        _pipeline(_chunk_bounds(bl, chunks), send, finish, group, "forward")
+        ctx.plan, ctx.group, ctx.chunks = plan, group, chunks
+        return out.view(plan.batch, plan.local_len, cp * width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan = ctx.plan
+        cp, bl = plan.cp_size, plan.batch * plan.local_len
+        width = grad.shape[-1] // cp
+        g = grad.reshape(bl, cp, width)
+        out = grad.new_empty(cp * bl, width)
+
+        def send(r0: int, r1: int) -> torch.Tensor:
+            return g[r0:r1].transpose(0, 1).contiguous()
+
+        def finish(r0: int, r1: int, recv: torch.Tensor) -> None:
+            out.index_copy_(0, _rank_rows(plan, r0, r1), recv.view(-1, width))
+
+        _pipeline(_chunk_bounds(bl, ctx.chunks), send, finish, ctx.group, "backward")
+        return None, None, None, out.view(plan.batch, cp * plan.local_len, width)
+
+
+def seq_to_heads_chunked_segments(
+    sources: Sequence[torch.Tensor],
+    segments: Sequence[Segment],
+    plan: TokenPlan,
+    group: dist.ProcessGroup,
+    chunks: int = 1,
+) -> torch.Tensor:
+    """Like :func:`seq_to_heads`, for column ranges of whole sources, in ``chunks`` pipelined pieces.
+
+    Args:
+        sources: tensors ``[B, L_local, W_s]`` (views are fine: e.g. ``xBC`` and ``dt`` of an in_proj output).
+        segments: ``(source, first column, width)``; each width splits into ``cp`` equal blocks, block ``r``
+            for rank ``r``. A rank's columns come out segment after segment.
+        plan: the batch's token plan.
+        group: the CP group.
+        chunks: row chunks; every chunk is one all-to-all, overlapped with its neighbours' copies.
+
+    Returns:
+        ``[B, L, sum(width / cp)]`` in true sequence order. The backward writes each source's gradient
+        straight into a contiguous tensor (no per-segment reshape copies and no concatenation).
+    """
+    for i, _, w in segments:
+        check_divisible(w, plan.cp_size, f"segment width of source {i}", "cp_size")
+    return _SeqToHeads.apply(plan, group, tuple(segments), chunks, *sources)
+
+
+def heads_to_seq_chunked(y: torch.Tensor, plan: TokenPlan, group: dist.ProcessGroup, chunks: int = 1) -> torch.Tensor:
+    """:func:`heads_to_seq` in ``chunks`` pipelined pieces: ``[B, L, w]`` -> ``[B, L_local, cp*w]``."""
+    return _HeadsToSeq.apply(plan, group, chunks, y)
 
 
 # The spec's underscore names.
