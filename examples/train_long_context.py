@@ -7,7 +7,7 @@ without CP on the whole batches, and prints both loss curves side by side.
 
 CPU (spawns its own gloo ranks, float64; the curves agree to float64 rounding)::
 
-    python examples/train_long_context.py --cp 2 [--packed] [--plot losses.png]
+    python examples/train_long_context.py --cp 2 [--packed] [--fsdp] [--plot losses.png]
 
 GPUs (one process per GPU, nccl, bf16; the curves agree within bf16 noise: at most 4e-4 relative on two H200s
 at 8192 tokens, BSHD and packed)::
@@ -15,7 +15,8 @@ at 8192 tokens, BSHD and packed)::
     torchrun --nproc-per-node 2 examples/train_long_context.py --dtype bfloat16 --seq-len 8192
 
 Gradients are summed over the CP group by ``mamba_cp.all_reduce_gradients`` in :func:`sync_gradients`; with
-FSDP2 over a ``dp x cp`` mesh that call goes away (its reduce-scatter sums over CP too).
+``--fsdp`` the CP model is sharded by FSDP2 over the CP ranks instead (CP folded into the shard axis, as
+torchtitan does), and FSDP's reduce-scatter does the sum.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class TrainConfig:
     vocab_size: int = 96
     plot: str | None = None
     """Write the two loss curves to this PNG (needs matplotlib)."""
+    fsdp: bool = False
+    """Shard the CP model with FSDP2 over the CP ranks (CP folded into FSDP's shard axis, as torchtitan does)
+    instead of summing gradients with ``mamba_cp.all_reduce_gradients``."""
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> NemotronHForCausalLM:
@@ -110,9 +114,23 @@ def make_batch(cfg: TrainConfig, step: int, device: torch.device):
     return torch.stack(rows).to(device), torch.stack(labels).to(device), None
 
 
-def sync_gradients(model: torch.nn.Module, cp_group) -> None:
-    """Sum every gradient over the CP group (each rank holds its own tokens' share). Replace with FSDP2."""
-    mamba_cp.all_reduce_gradients(model, cp_group)
+def sync_gradients(model: torch.nn.Module, cp_group, fsdp: bool) -> None:
+    """Sum every gradient over the CP group (each rank holds its own tokens' share); FSDP2 already did."""
+    if not fsdp:
+        mamba_cp.all_reduce_gradients(model, cp_group)
+
+
+def shard_with_fsdp(model: NemotronHForCausalLM, cp_size: int, device: torch.device) -> None:
+    """FSDP2 over the CP ranks: each block and the root are ``fully_shard``-ed on a 1-D mesh of the CP group
+    (with data parallelism too, this is the flattened ``dp x cp`` mesh). FSDP averages gradients over the
+    shard group, so the loss is scaled by ``cp`` to get the CP sum (see :func:`train`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (cp_size,), mesh_dim_names=("dp_cp",))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def train(model: torch.nn.Module, cfg: TrainConfig, cp_group, device: torch.device) -> list[float]:
@@ -136,8 +154,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, cp_group, device: torch.devi
                 reduction="sum",
             )
             loss = loss_sum / (labels != -100).sum()  # global token count: the ranks' losses sum to the mean
-            loss.backward()
-        sync_gradients(model, group)
+            # FSDP2 averages gradients over its shard group (the CP ranks here): scale to get their sum.
+            (loss * group.size if cfg.fsdp else loss).backward()
+        sync_gradients(model, group, cfg.fsdp)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
@@ -158,12 +177,17 @@ def worker(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[float], lis
     with precision:
         model = build_model(cfg, device)
         reference = copy.deepcopy(model)
-        cp_losses = train(mamba_cp.parallelize(model, dist.group.WORLD), cfg, dist.group.WORLD, device)
+        mamba_cp.parallelize(model, dist.group.WORLD)
+        if cfg.fsdp:
+            shard_with_fsdp(model, world_size, device)
+        cp_losses = train(model, cfg, dist.group.WORLD, device)
         del model
         dist.barrier()
         if rank != 0:
             return None
-        ref_losses = train(mamba_cp.parallelize(reference, None), cfg, None, device)
+        ref_losses = train(
+            mamba_cp.parallelize(reference, None), TrainConfig(**{**cfg_dict, "fsdp": False}), None, device
+        )
     return cp_losses, ref_losses
 
 
@@ -213,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--plot", metavar="PNG", help="write both loss curves to this PNG (needs matplotlib)")
+    parser.add_argument("--fsdp", action="store_true", help="shard the CP model with FSDP2 over the CP ranks")
     args = parser.parse_args(argv)
     return TrainConfig(
         cp=args.cp,
@@ -224,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         lr=args.lr,
         hidden_size=args.hidden_size,
         plot=args.plot,
+        fsdp=args.fsdp,
     )
 
 

@@ -348,7 +348,9 @@ def _load_example():
     return module
 
 
-@pytest.mark.parametrize("extra", [[], ["--packed", "--cp", "4"]], ids=["bshd-cp2", "thd-cp4"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--packed", "--cp", "4"], ["--fsdp"]], ids=["bshd-cp2", "thd-cp4", "bshd-cp2-fsdp2"]
+)
 def test_example_loss_curves_agree(extra, capsys):
     example = _load_example()
     cp_losses, ref_losses = example.main(["--steps", "3", "--seq-len", "32", "--hidden-size", "32", *extra])
