@@ -300,19 +300,21 @@ class Case:
         gen = torch.Generator(device="cpu").manual_seed(args.seed + length)
         if layout == "bshd":
             self.cu = None
-            self.x = torch.randn(1, length, d, generator=gen).to(device, mixer.in_proj.weight.dtype)
+            self.x = torch.randn(1, length, d, generator=gen).to(mixer.in_proj.weight.dtype)
             self.seq_dim = 1
             self.lengths = [length]
         else:
             docs = min(args.docs, max(1, length // (8 * world)))  # tiny CPU sizes get fewer documents
             self.lengths = doc_lengths(length, docs, 2 * world, args.seed)
             self.cu = torch.tensor([0, *torch.tensor(self.lengths).cumsum(0).tolist()], dtype=torch.int32)
-            self.x = torch.randn(length, d, generator=gen).to(device, mixer.in_proj.weight.dtype)
+            self.x = torch.randn(length, d, generator=gen).to(mixer.in_proj.weight.dtype)
             self.seq_dim = 0
         self.cu_dev = self.cu.to(device) if self.cu is not None else None
-        self.grad = torch.randn(self.x.shape, generator=gen).to(device, self.x.dtype)
-        self.x_local = shard(self.x, world, rank, self.seq_dim, self.cu) if world > 1 else self.x
-        self.grad_local = shard(self.grad, world, rank, self.seq_dim, self.cu) if world > 1 else self.grad
+        # The global batch stays on the host (moved over only for the cp=1 run), so a CP run's peak memory
+        # holds this rank's shard alone.
+        self.grad = torch.randn(self.x.shape, generator=gen).to(self.x.dtype)
+        self.x_local = shard(self.x, world, rank, self.seq_dim, self.cu).to(device)
+        self.grad_local = shard(self.grad, world, rank, self.seq_dim, self.cu).to(device)
         self.seq_idx = None
         if self.cu is not None:
             pos = torch.arange(length, device=device)
@@ -346,7 +348,7 @@ def nemo_step(mixer: Mamba2Mixer, ncp, case: Case) -> Callable[[], None]:
 
 def transport_parts(kind: str, cp_obj, mixer: Mamba2Mixer, case: Case) -> dict[str, Callable[[], None]]:
     """pre fwd / pre bwd / post fwd / post bwd of one transport, on leaf tensors of the mixer's shapes."""
-    dev, dtype = case.device, case.x.dtype
+    dev, dtype = case.device, case.x_local.dtype
     gen = torch.Generator(device="cpu").manual_seed(7)
     local_rows = case.x_local.shape[-2]
     batch = 1
@@ -669,9 +671,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.no_cp1 and not args.transport_only:
                 ref = copy.deepcopy(base)
-                step = mixer_step(ref, case.x, case.grad, case.cu_dev)
+                step = mixer_step(ref, case.x.to(device), case.grad.to(device), case.cu_dev)
                 record("cp1", 1, time_step(step, clock, warmup, iters, device))
-                del ref
+                del ref, step
                 _free(device)
             if world > 1:
                 variants = [(name, None) for name in strategies]
