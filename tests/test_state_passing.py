@@ -223,14 +223,14 @@ def test_nemotron_bytes_per_layer(cp: int) -> None:
 @pytest.mark.parametrize(
     ("heads", "groups", "cp", "want"),
     [
-        (128, 8, 2, "hidden"),  # 64 heads per rank, divisible: hidden-parallel
-        (32, 2, 2, "hidden"),  # exactly 16 heads per rank
-        (30, 2, 2, "state_passing"),  # 15 heads per rank
-        (128, 8, 4, "state_passing"),  # cp >= 4
-        (128, 8, 8, "state_passing"),
+        (128, 8, 2, "hidden"),  # divisible: hidden-parallel, the faster measured at cp=2
+        (30, 2, 2, "hidden"),  # few heads per rank but divisible
+        (128, 8, 4, "hidden"),
+        (128, 8, 16, "hidden"),  # G < cp, cp % G == 0: groups repeat
         (3, 1, 2, "state_passing"),  # num_heads % cp
-        (96, 3, 2, "state_passing"),  # G < cp and cp % G != 0
-        (96, 6, 4, "state_passing"),
+        (96, 3, 2, "state_passing"),  # G >= cp and G % cp != 0
+        (96, 6, 4, "state_passing"),  # G >= cp and G % cp != 0
+        (96, 3, 4, "state_passing"),  # G < cp and cp % G != 0
     ],
 )
 def test_auto_rule(heads: int, groups: int, cp: int, want: str) -> None:

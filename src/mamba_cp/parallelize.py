@@ -34,12 +34,14 @@ STRATEGIES: dict[str, Callable[[CPGroup, Mamba2Mixer, TokenPlanCache], object]] 
 def auto_strategy(num_heads: int, n_groups: int, cp_size: int) -> str:
     """The strategy ``strategy="auto"`` picks for a mixer with ``num_heads`` heads and ``n_groups`` groups.
 
-    ``"state_passing"`` when hidden-parallel cannot run (``num_heads % cp``, or the groups do not split:
-    ``cp % G`` for ``G < cp``, ``G % cp`` otherwise) or is expected slower: ``cp >= 4`` or fewer than 16
-    heads per rank (few heads per rank underuse the GPU, DESIGN.md 3b); else ``"hidden"``.
+    ``"hidden"`` wherever it can run, since it measured faster: on 2x H200 at cp=2 (BENCHMARKS.md, 128K tokens)
+    hidden-parallel took 133 ms (BSHD) and 135 ms (64 packed documents) against 174 ms and 268 ms for state
+    passing. ``"state_passing"`` where hidden-parallel cannot run: ``num_heads % cp != 0``, or groups that do
+    not split (``cp % G`` for ``G < cp``, ``G % cp`` otherwise). At cp >= 4 state passing's scan may win
+    (fewer heads per rank underuse the GPU, DESIGN.md 3b); the rule changes once that is measured.
     """
     groups_split = cp_size % n_groups == 0 if n_groups < cp_size else n_groups % cp_size == 0
-    if num_heads % cp_size != 0 or not groups_split or cp_size >= 4 or num_heads // cp_size < 16:
+    if num_heads % cp_size != 0 or not groups_split:
         return "state_passing"
     return "hidden"
 
@@ -57,9 +59,8 @@ def parallelize(module: nn.Module, cp_group, strategy: str = "hidden", debug: bo
         cp_group: a ``ProcessGroup`` or a 1-D ``DeviceMesh``; ``None`` or a group of one rank turns CP off.
         strategy: ``"hidden"`` (hidden-parallel: heads sharded by an all-to-all), ``"state_passing"``
             (tokens stay home; segments exchange conv halos and SSD states) or ``"auto"`` (per mixer, by
-            :func:`auto_strategy`: state passing where hidden-parallel's divisibility fails, for
-            ``cp >= 4`` or for fewer than 16 heads per rank; hidden-parallel otherwise). The mixer's repr
-            names the strategy it got.
+            :func:`auto_strategy`: hidden-parallel where it can run, the faster measured; state passing where
+            its divisibility fails). The mixer's repr names the strategy it got.
         debug: check on every call, with one small collective, that all ranks agree on the local shape,
             dtype and ``cu_seqlens`` (``ValueError`` naming the disagreement); default: ``MAMBA_CP_DEBUG``.
 
