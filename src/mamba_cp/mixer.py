@@ -190,29 +190,37 @@ class Mamba2Mixer(nn.Module):
         batch = 1 if cu_seqlens is not None else hidden_states.shape[0]
         return self._plans.get(1, batch, hidden_states.shape[-2], cu_seqlens, hidden_states.device)
 
+    def scan(self, h_BLD: torch.Tensor, plan: TokenPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj, then conv1d + SSD (through the CP strategy when one is attached).
+
+        ``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip, before gating) and the
+        gate ``z`` ``[B, L_local, H*P]``, which never leaves this rank.
+        """
+        zxbcdt = self.in_proj(h_BLD)
+        z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if self.context_parallel is not None:
+            return self.context_parallel.conv_ssd(xBC, dt, plan), z
+        y = conv_ssd(
+            xBC,
+            dt,
+            shape=self.shape,
+            conv_weight_CK=self.conv1d.weight.squeeze(1),
+            conv_bias_C=self.conv1d.bias,
+            dt_bias_H=self.dt_bias,
+            A_log_H=self.A_log,
+            D_H=self.D,
+            chunk_size=self.chunk_size,
+            dt_limit=self.time_step_limit,
+            seq_idx_BL=plan.seq_idx,
+        )
+        return y, z
+
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L_local, D]`` -> ``[B, L_local, D]``; packed ``[T_local, D]`` / ``[1, T_local, D]`` with global
         ``cu_seqlens`` ``[S + 1]`` -> same shape. Under CP each rank passes its head-tail shard."""
         plan = self.token_plan(hidden_states, cu_seqlens)
         h = hidden_states.unsqueeze(0) if hidden_states.dim() == 2 else hidden_states
-        zxbcdt = self.in_proj(h)
-        z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        if self.context_parallel is not None:
-            y = self.context_parallel.conv_ssd(xBC, dt, plan)
-        else:
-            y = conv_ssd(
-                xBC,
-                dt,
-                shape=self.shape,
-                conv_weight_CK=self.conv1d.weight.squeeze(1),
-                conv_bias_C=self.conv1d.bias,
-                dt_bias_H=self.dt_bias,
-                A_log_H=self.A_log,
-                D_H=self.D,
-                chunk_size=self.chunk_size,
-                dt_limit=self.time_step_limit,
-                seq_idx_BL=plan.seq_idx,
-            )
+        y, z = self.scan(h, plan)
         out = self.out_proj(self.norm(y, z))
         return out.squeeze(0) if hidden_states.dim() == 2 else out
 

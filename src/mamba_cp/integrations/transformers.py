@@ -55,7 +55,6 @@ from ..context import current_cu_seqlens, local_positions
 from ..groups import CPGroup
 from ..layout import TokenPlanCache
 from ..mixer import Mamba2Mixer
-from ..ssm_block import conv_ssd
 
 SUPPORTED_MIXERS: dict[str, tuple[str, ...]] = {
     "transformers.models.mamba2.modeling_mamba2": ("Mamba2Mixer",),
@@ -117,24 +116,7 @@ class TransformersMamba2Mixer(Mamba2Mixer):
                 self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs
             )
         plan = self.token_plan(hidden_states, cu_seqlens)
-        zxbcdt = self.in_proj(hidden_states)
-        z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        if self.context_parallel is not None:
-            y = self.context_parallel.conv_ssd(xBC, dt, plan)
-        else:
-            y = conv_ssd(
-                xBC,
-                dt,
-                shape=self.shape,
-                conv_weight_CK=self.conv1d.weight.squeeze(1),
-                conv_bias_C=self.conv1d.bias,
-                dt_bias_H=self.dt_bias,
-                A_log_H=self.A_log,
-                D_H=self.D,
-                chunk_size=self.chunk_size,
-                dt_limit=self.time_step_limit,
-                seq_idx_BL=plan.seq_idx,
-            )
+        y, z = self.scan(hidden_states, plan)
         # The HF gated norm (gate first, groups of norm.group_size), in float32 or float64 for float64 input.
         y = kernels.rmsnorm_gated(
             y, z, self.norm.weight, eps=self.norm.variance_epsilon, group_size=self.norm.group_size
