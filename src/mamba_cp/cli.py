@@ -47,17 +47,22 @@ def _run_case_launched(case, device: str) -> dict[str, float]:
 
     from .testing.parity import case_dict, parity_worker, worst_relative
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
-    mine = parity_worker(rank, world, case_dict(case), dev)
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return worst_relative(everyone)
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
+        mine = parity_worker(rank, world, case_dict(case), dev)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)
+        return worst_relative(everyone)
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def demo(argv: Sequence[str] | None = None) -> int:
