@@ -142,6 +142,12 @@ def bench(argv: Sequence[str] | None = None) -> int:
     if not path.exists():
         print(f"mamba-cp bench needs a source checkout: {path} not found", file=sys.stderr)
         return 2
+    if "RANK" not in os.environ:
+        print(
+            "mamba-cp bench: not launched by torchrun, so only the cp=1 rows run; for cp=N use "
+            "`torchrun --standalone --nproc-per-node N -m mamba_cp.cli bench ...`",
+            file=sys.stderr,
+        )
     spec = importlib.util.spec_from_file_location("bench_mixer", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
