@@ -66,3 +66,29 @@ def test_one_all_to_all_each_way_and_no_host_sync(layout):
             "host_syncs": 0,
             "plan_builds": 1,  # one plan for the batch, shared by all layers and both passes
         }
+
+
+def _projection_alive_worker(rank, world, release):
+    """Whether the in_proj output is still alive between a hidden-parallel mixer's forward and backward."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    mixer = mamba_cp.parallelize(
+        Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2, n_groups=2, state_size=4, chunk_size=4), dist.group.WORLD
+    )
+    mixer.context_parallel.releases_projection = release
+    projections = []
+    mixer.in_proj.register_forward_hook(lambda mod, inp, out: projections.append(weakref.ref(out)))
+    out = mixer(torch.randn(2, 16 // world, 8, requires_grad=True))
+    gc.collect()
+    alive = projections[0]() is not None
+    out.sum().backward()
+    return alive
+
+
+def test_hidden_parallel_frees_the_in_proj_output_after_the_scatter():
+    """z is copied out, so the in_proj output [B, L_local, 2*H*P + 2*G*N + H] is not kept until backward
+    (without the copy, the norm's saved z view keeps all of it)."""
+    assert run_on_ranks(_projection_alive_worker, 2, True) == [False, False]
+    assert run_on_ranks(_projection_alive_worker, 2, False) == [True, True]

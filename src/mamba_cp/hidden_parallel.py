@@ -76,6 +76,11 @@ class MambaContextParallel:
             self.group_repeat_count = 1
             self.n_groups_local = n_groups // self.cp_size
         self.local_shape = SSMShape(self.num_heads_local, head_dim, self.n_groups_local, d_state)
+        self.releases_projection = True
+        """:meth:`conv_ssd` packs ``xBC`` and ``dt`` into its send buffer and keeps no reference to them, so the
+        mixer copies ``z`` out and the in_proj output is freed after the scatter instead of being held by the
+        norm's saved ``z`` view until backward (at 128K tokens, cp=2 and the NemotronH-8B-like mixer: 1.4 GB of
+        the 2.4 GB in_proj output per layer; the copy of ``z`` writes 1.1 GB)."""
         self.transport_chunks: int | None = None
         """None: the mixer's transport is one all-to-all each way (the measured default). ``k >= 1``: the
         pipelined transport in ``k`` row chunks, each chunk's all-to-all overlapping its neighbours' pack and

@@ -198,8 +198,14 @@ class Mamba2Mixer(nn.Module):
         """
         zxbcdt = self.in_proj(h_BLD)
         z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        if self.context_parallel is not None:
-            return self.context_parallel.conv_ssd(xBC, dt, plan), z
+        cp = self.context_parallel
+        if cp is not None:
+            y = cp.conv_ssd(xBC, dt, plan)
+            if getattr(cp, "releases_projection", False):
+                # The strategy kept no reference to xBC / dt, so z (saved by the norm for backward) gets its own
+                # storage and the rest of the in_proj output is freed now instead of living until backward.
+                z = z.contiguous()
+            return y, z
         y = conv_ssd(
             xBC,
             dt,
