@@ -22,7 +22,7 @@ from .groups import resolve_cp_group
 from .layout import TokenPlan, TokenPlanCache
 from .ssm_block import SSMShape, conv_ssd
 from .transport import heads_to_seq, heads_to_seq_chunked, seq_to_heads, seq_to_heads_chunked_segments
-from .validation import check_divisible
+from .validation import batch_dims, check_divisible
 
 
 class MambaContextParallel:
@@ -144,14 +144,7 @@ class MambaContextParallel:
 
     def plan_for(self, local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
         """The batch plan for sequence-sharded ``local`` ``[B, L_local, W]`` / ``[T_local, W]``."""
-        if cu_seqlens is None:
-            if local.dim() != 3:
-                raise ValueError(f"expected [B, L_local, W] without cu_seqlens, got shape {tuple(local.shape)}")
-            batch, local_len = local.shape[0], local.shape[1]
-        else:
-            if local.dim() == 3 and local.shape[0] != 1:
-                raise ValueError(f"a packed batch must be [T, W] or [1, T, W], got shape {tuple(local.shape)}")
-            batch, local_len = 1, local.shape[-2]
+        batch, local_len = batch_dims(local, cu_seqlens)
         return self.plans.get(self.cp_size, batch, local_len, cu_seqlens, local.device)
 
     # ------------------------------------------------------------------ the mixer's hot path

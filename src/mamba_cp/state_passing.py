@@ -42,7 +42,7 @@ from .groups import resolve_cp_group
 from .kernels.ssd_reference import process_dt
 from .layout import TokenPlanCache
 from .segments import SegmentPlan, SegmentPlanCache
-from .validation import check_divisible
+from .validation import batch_dims, check_divisible
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -113,14 +113,7 @@ class StatePassingContextParallel:
 
     def plan_for(self, local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> SegmentPlan:
         """The batch's segment plan for sequence-sharded ``local`` ``[B, L_local, W]`` / ``[T_local, W]``."""
-        if cu_seqlens is None:
-            if local.dim() != 3:
-                raise ValueError(f"expected [B, L_local, W] without cu_seqlens, got shape {tuple(local.shape)}")
-            batch, local_len = local.shape[0], local.shape[1]
-        else:
-            if local.dim() not in (2, 3) or (local.dim() == 3 and local.shape[0] != 1):
-                raise ValueError(f"a packed batch must be [T, W] or [1, T, W], got shape {tuple(local.shape)}")
-            batch, local_len = 1, local.shape[-2]
+        batch, local_len = batch_dims(local, cu_seqlens)
         mixer = self._mixer
         return self.plans.get(
             self.cp_size,

@@ -58,3 +58,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, multiple_of: i
                     f"sequence to a multiple of {multiple_of}"
                 )
     return bounds
+
+
+def batch_dims(local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, int]:
+    """``(B, L_local)`` of a sequence-sharded batch: ``[B, L_local, W]``, or packed ``[T_local, W]`` /
+    ``[1, T_local, W]`` when ``cu_seqlens`` is given (then ``B = 1``)."""
+    if cu_seqlens is None:
+        if local.dim() != 3:
+            raise ValueError(f"expected [B, L_local, W] without cu_seqlens, got shape {tuple(local.shape)}")
+        return local.shape[0], local.shape[1]
+    if local.dim() not in (2, 3) or (local.dim() == 3 and local.shape[0] != 1):
+        raise ValueError(f"a packed batch must be [T, W] or [1, T, W], got shape {tuple(local.shape)}")
+    return 1, local.shape[-2]
