@@ -32,6 +32,9 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )
+        # gloo's mesh set-up can still be completing on a peer when this rank returns: a rank that raised at once
+        # would then close its sockets under that peer's handshake ("connectFullMesh failed"). Meet first.
+        dist.barrier()
         try:
             result = ("ok", fn(rank, world_size, *args))
         finally:
