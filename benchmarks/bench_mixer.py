@@ -590,6 +590,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-nemo", action="store_true", help="skip NeMo AutoModel's module")
     p.add_argument("--no-cp1", action="store_true", help="skip the cp=1 baseline")
     p.add_argument("--pipelined", default="", help="also run hidden-parallel with its transport in K chunks (K,K2,..)")
+    p.add_argument(
+        "--unfused", action="store_true", help="also run hidden-parallel with fuse_projection=False (plain in_proj)"
+    )
     p.add_argument("--transport-only", action="store_true", help="time only the transports (no kernels, no cp1)")
     p.add_argument("--nemo-path", default=os.environ.get("MAMBA_CP_NEMO_PATH", str(DEFAULT_NEMO)))
     p.add_argument("--docs", type=int, default=64, help="documents in the packed (THD) batch")
@@ -676,16 +679,21 @@ def main(argv: list[str] | None = None) -> int:
                 del ref, step
                 _free(device)
             if world > 1:
-                variants = [(name, None) for name in strategies]
+                # (strategy, transport_chunks, fuse_projection); the extra hidden-parallel variants follow it.
+                variants = [(name, None, True) for name in strategies]
                 if args.transport_only:
                     variants = [v for v in variants if v[0] == "hidden"]
-                if args.pipelined and "hidden" in strategies:
-                    at = variants.index(("hidden", None)) + 1
-                    variants[at:at] = [("hidden", int(k)) for k in args.pipelined.split(",")]
-                for name, chunks in variants:
+                if "hidden" in strategies:
+                    extra = [("hidden", None, False)] if args.unfused else []
+                    extra += [("hidden", int(k), True) for k in args.pipelined.split(",") if k]
+                    at = variants.index(("hidden", None, True)) + 1
+                    variants[at:at] = extra
+                for name, chunks, fused in variants:
                     m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name)
                     if chunks is not None:
                         m.context_parallel.transport_chunks = chunks
+                    if not fused:
+                        m.context_parallel.fuse_projection = False
                     transport = None
                     if name == "hidden":
                         parts = transport_parts("ours", m.context_parallel, m, case)
@@ -698,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                     timing = {"ms": None} if args.transport_only else time_step(step, clock, warmup, iters, device)
                     offrank, calls = count_bytes(step, world)
                     label = f"ours:{name}" + (f"[pipelined x{chunks}]" if chunks is not None else "")
+                    label += "" if fused else "[unfused]"
                     record(label, world, timing, _max_over_ranks(offrank, device), transport, calls)
                     del m, step
                     _free(device)

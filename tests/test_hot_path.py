@@ -68,27 +68,37 @@ def test_one_all_to_all_each_way_and_no_host_sync(layout):
         }
 
 
-def _projection_alive_worker(rank, world, release):
-    """Whether the in_proj output is still alive between a hidden-parallel mixer's forward and backward."""
-    import gc
-    import weakref
-
+def _largest_saved_storage_worker(rank, world, fuse, release):
+    """The largest storage that a hidden-parallel mixer's forward saves for backward, over the in_proj output's
+    size (``[B, L_local, 2*H*P + 2*G*N + H]``); and whether in_proj ran as a module."""
     torch.manual_seed(0)
     mixer = mamba_cp.parallelize(
         Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2, n_groups=2, state_size=4, chunk_size=4), dist.group.WORLD
     )
+    mixer.context_parallel.fuse_projection = fuse
     mixer.context_parallel.releases_projection = release
-    projections = []
-    mixer.in_proj.register_forward_hook(lambda mod, inp, out: projections.append(weakref.ref(out)))
-    out = mixer(torch.randn(2, 16 // world, 8, requires_grad=True))
-    gc.collect()
-    alive = projections[0]() is not None
+    calls = []
+    x = torch.randn(2, 16 // world, 8, requires_grad=True)
+    # Registered after the forward hook check below, so that the fused path stays eligible.
+    storages = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: storages.append(t.untyped_storage().nbytes()) or t, lambda t: t
+    ):
+        out = mixer(x)
+    handle = mixer.in_proj.register_forward_hook(lambda *a: calls.append(1))
+    mixer(x)  # a hook on in_proj turns the fusion off: the module must run
+    handle.remove()
     out.sum().backward()
-    return alive
+    projection_bytes = x.shape[0] * x.shape[1] * mixer.in_proj.out_features * x.element_size()
+    return max(storages) / projection_bytes, len(calls)
 
 
-def test_hidden_parallel_frees_the_in_proj_output_after_the_scatter():
-    """z is copied out, so the in_proj output [B, L_local, 2*H*P + 2*G*N + H] is not kept until backward
-    (without the copy, the norm's saved z view keeps all of it)."""
-    assert run_on_ranks(_projection_alive_worker, 2, True) == [False, False]
-    assert run_on_ranks(_projection_alive_worker, 2, False) == [True, True]
+@pytest.mark.parametrize("fuse", [True, False])
+def test_hidden_parallel_keeps_no_in_proj_output_for_backward(fuse):
+    """Fused: in_proj writes the send buffer and z directly. Unfused: z is copied out. Either way nothing saved
+    for backward holds the whole in_proj output (without the copy, the norm's saved z view keeps all of it)."""
+    for ratio, hook_calls in run_on_ranks(_largest_saved_storage_worker, 2, fuse, True):
+        assert ratio < 1.0
+        assert hook_calls == 1
+    if not fuse:
+        assert all(ratio >= 1.0 for ratio, _ in run_on_ranks(_largest_saved_storage_worker, 2, False, False))

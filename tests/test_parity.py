@@ -35,6 +35,14 @@ CASES = {
         2,
         ParityCase(layout="bshd", batch=2, seqlen=16, use_bias=True, time_step_limit=(0.01, 0.5), conv_kernel=3),
     ),
+    # the unfused in_proj + transport (fuse_projection=False), with and without repeated groups and biases
+    "bshd-unfused": (2, ParityCase(layout="bshd", batch=2, seqlen=16, fuse_projection=False)),
+    "bshd-G<cp-bias-unfused": (
+        4,
+        ParityCase(layout="bshd", batch=2, seqlen=16, num_heads=4, n_groups=1, use_bias=True, fuse_projection=False),
+    ),
+    "thd-unfused": (2, ParityCase(layout="thd", seqlens=[12, 4, 20], fuse_projection=False)),
+    "bshd-G<cp-bias": (4, ParityCase(layout="bshd", batch=2, seqlen=16, num_heads=8, n_groups=2, use_bias=True)),
     # packed THD: several sequences of different lengths
     "thd-mixed": (2, ParityCase(layout="thd", seqlens=[16, 4, 28, 8])),
     "thd-G<cp": (4, ParityCase(layout="thd", seqlens=[8, 24, 16], num_heads=4, n_groups=1)),

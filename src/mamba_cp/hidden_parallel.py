@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .groups import resolve_cp_group
 from .layout import TokenPlan, TokenPlanCache
+from .projection import ProjectionLayout, gather_gate, project_scatter, projection_layout
 from .ssm_block import SSMShape, conv_ssd
 from .transport import heads_to_seq, heads_to_seq_chunked, seq_to_heads, seq_to_heads_chunked_segments
 from .validation import batch_dims, check_divisible
@@ -81,6 +82,12 @@ class MambaContextParallel:
         mixer copies ``z`` out and the in_proj output is freed after the scatter instead of being held by the
         norm's saved ``z`` view until backward (at 128K tokens, cp=2 and the NemotronH-8B-like mixer: 1.4 GB of
         the 2.4 GB in_proj output per layer; the copy of ``z`` writes 1.1 GB)."""
+        self.fuse_projection = True
+        """Run in_proj inside the transport (:mod:`mamba_cp.projection`): its GEMMs write the send buffer and
+        the gate ``z`` is computed while ``x|B|C|dt`` travel (and its gradients while theirs travel back).
+        Used when the input and in_proj weight share a dtype, autocast is off and :attr:`transport_chunks` is
+        None; False forces the plain in_proj + :meth:`conv_ssd` path."""
+        self._projection_layouts: dict[torch.device, ProjectionLayout] = {}
         self.transport_chunks: int | None = None
         """None: the mixer's transport is one all-to-all each way (the measured default). ``k >= 1``: the
         pipelined transport in ``k`` row chunks, each chunk's all-to-all overlapping its neighbours' pack and
@@ -191,9 +198,54 @@ class MambaContextParallel:
     def conv_ssd(self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         """The mixer's conv1d + SSD under CP: ``[B, L_local, conv_dim]``, ``[B, L_local, H]`` ->
         ``y`` ``[B, L_local, d_inner]`` (before gating and norm)."""
-        mixer = self._mixer
         xBC_local, dt_local = self.scatter(xBC_BLC, dt_BLH, plan)
-        y_local = conv_ssd(
+        return self.gather(self.local_conv_ssd(xBC_local, dt_local, plan), plan)
+
+    def fuses_projection(self, h_BLD: torch.Tensor) -> bool:
+        """Whether the mixer should hand in_proj to :meth:`project_conv_ssd` for this input."""
+        in_proj = self._mixer.in_proj
+        # Only a plain nn.Linear that nothing hooks (a LoRA or quantized wrapper, FSDP applied to in_proj alone,
+        # a user's hook) may be bypassed: the fused path reads its weight and bias directly.
+        return (
+            self.fuse_projection
+            and self.transport_chunks is None
+            and type(in_proj) is nn.Linear
+            and not (in_proj._forward_hooks or in_proj._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and h_BLD.dtype == in_proj.weight.dtype
+            and not torch.is_autocast_enabled(h_BLD.device.type)
+        )
+
+    def projection_layout(self, device: torch.device) -> ProjectionLayout:
+        """Which in_proj rows go to which rank (cached per device)."""
+        layout = self._projection_layouts.get(device)
+        if layout is None:
+            layout = self._projection_layouts[device] = projection_layout(
+                self.num_heads, self.head_dim, self.n_groups, self.d_state, self.cp_size, device
+            )
+        return layout
+
+    def project_conv_ssd(
+        self, h_BLD: torch.Tensor, in_proj: nn.Linear, plan: TokenPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj + conv1d + SSD under CP, both all-to-alls hidden behind the projection of ``z``.
+
+        ``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, d_inner]`` (before gating and norm) and the gate
+        ``z`` ``[B, L_local, d_inner]`` (never leaves this rank).
+        """
+        b, l_local, _ = h_BLD.shape
+        h_TD, weight, bias = h_BLD.reshape(b * l_local, -1), in_proj.weight, in_proj.bias
+        layout = self.projection_layout(h_BLD.device)
+        z, ordered = project_scatter(h_TD, weight, bias, layout, plan, self.cp_group)
+        xBC_local, dt_local = torch.split(ordered, [self.local_shape.conv_dim, self.num_heads_local], dim=-1)
+        y_local = self.local_conv_ssd(xBC_local, dt_local, plan)
+        return gather_gate(y_local, z, h_TD, weight, bias, layout, plan, self.cp_group)
+
+    def local_conv_ssd(self, xBC_local: torch.Tensor, dt_local: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+        """conv1d + SSD of this rank's heads over whole sequences: ``[B, L, conv_dim_local]``,
+        ``[B, L, H_local]`` -> ``y`` ``[B, L, d_inner_local]``, with this rank's parameter slices."""
+        mixer = self._mixer
+        return conv_ssd(
             xBC_local,
             dt_local,
             shape=self.local_shape,
@@ -206,7 +258,6 @@ class MambaContextParallel:
             dt_limit=mixer.time_step_limit,
             seq_idx_BL=plan.seq_idx,
         )
-        return self.gather(y_local, plan)
 
     # ------------------------------------------------------------------ the spec's transforms
 

@@ -196,9 +196,12 @@ class Mamba2Mixer(nn.Module):
         ``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip, before gating) and the
         gate ``z`` ``[B, L_local, H*P]``, which never leaves this rank.
         """
+        cp = self.context_parallel
+        if cp is not None and getattr(cp, "fuses_projection", None) is not None and cp.fuses_projection(h_BLD):
+            # The strategy runs in_proj itself, overlapping its all-to-all with the projection of z.
+            return cp.project_conv_ssd(h_BLD, self.in_proj, plan)
         zxbcdt = self.in_proj(h_BLD)
         z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        cp = self.context_parallel
         if cp is not None:
             y = cp.conv_ssd(xBC, dt, plan)
             if getattr(cp, "releases_projection", False):

@@ -39,18 +39,47 @@ class AllToAll(torch.autograd.Function):
 
 def _exchange(input_: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
     """``all_to_all_single`` with equal splits; a failure says where it happened and what likely caused it."""
+    return start_exchange(input_, group, direction)[1].wait()
+
+
+def _exchange_error(err: Exception, group: dist.ProcessGroup, direction: str, shape) -> RuntimeError:
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    return RuntimeError(
+        f"mamba_cp all-to-all ({direction}) failed on CP rank {rank} of {size} with a local buffer of shape "
+        f"{shape}: another rank probably raised, crashed or passed a batch of another shape "
+        f"(MAMBA_CP_DEBUG=1 checks shapes and cu_seqlens across ranks first). Cause: {err}"
+    )
+
+
+class PendingExchange:
+    """An all-to-all in flight: :meth:`wait` makes the current stream wait for it and returns its output."""
+
+    def __init__(self, work, output: torch.Tensor, group: dist.ProcessGroup, direction: str) -> None:
+        self._work, self.output, self._group, self._direction = work, output, group, direction
+
+    def wait(self) -> torch.Tensor:
+        try:
+            self._work.wait()
+        except RuntimeError as err:  # gloo reports a dead or stalled peer here, NCCL at the watchdog
+            raise _exchange_error(err, self._group, self._direction, tuple(self.output.shape)) from err
+        return self.output
+
+
+def start_exchange(
+    input_: torch.Tensor, group: dist.ProcessGroup, direction: str
+) -> tuple[torch.Tensor, PendingExchange]:
+    """Launch an equal-split ``all_to_all_single`` of ``input_`` (block ``r`` of dim 0 to rank ``r``) without
+    waiting: work queued on the current stream before :meth:`PendingExchange.wait` overlaps the transfer.
+
+    Returns the (not yet valid) output buffer and the pending exchange.
+    """
     input_ = input_.contiguous()
     output = torch.empty_like(input_)
     try:
-        dist.all_to_all_single(output, input_, group=group)
+        work = dist.all_to_all_single(output, input_, group=group, async_op=True)
     except RuntimeError as err:  # a peer died, timed out, or sent a different shape
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        raise RuntimeError(
-            f"mamba_cp all-to-all ({direction}) failed on CP rank {rank} of {size} with a local buffer of shape "
-            f"{tuple(input_.shape)}: another rank probably raised, crashed or passed a batch of another shape "
-            f"(MAMBA_CP_DEBUG=1 checks shapes and cu_seqlens across ranks first). Cause: {err}"
-        ) from err
-    return output
+        raise _exchange_error(err, group, direction, tuple(input_.shape)) from err
+    return output, PendingExchange(work, output, group, direction)
 
 
 def all_to_all(input_: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -174,13 +203,8 @@ def _pipeline(
             work.wait()
             finish(a, b, done)
     except RuntimeError as err:  # a peer died, timed out, or sent a different shape: same message as _exchange
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
         shape = tuple(buf.shape) if buf is not None else None
-        raise RuntimeError(
-            f"mamba_cp all-to-all ({direction}) failed on CP rank {rank} of {size} with a local buffer of shape "
-            f"{shape}: another rank probably raised, crashed or passed a batch of another shape "
-            f"(MAMBA_CP_DEBUG=1 checks shapes and cu_seqlens across ranks first). Cause: {err}"
-        ) from err
+        raise _exchange_error(err, group, direction, shape) from err
 
 
 class _SeqToHeads(torch.autograd.Function):

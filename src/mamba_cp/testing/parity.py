@@ -44,6 +44,8 @@ class ParityCase:
     dtype: str = "float64"
     seed: int = 0
     strategy: str = "hidden"
+    fuse_projection: bool = True
+    """Hidden-parallel only: in_proj fused with the first all-to-all (the default) or the plain in_proj."""
 
     def describe(self) -> str:
         shape = f"B={self.batch} L={self.seqlen}" if self.layout == "bshd" else f"seqlens={self.seqlens}"
@@ -84,6 +86,8 @@ def parity_worker(rank: int, world_size: int, case_dict: dict, device: str = "cp
     group = dist.group.WORLD if world_size > 1 else None
     ref = build_mixer(case, dev)
     cp_mixer = parallelize(copy.deepcopy(ref), group, strategy=case.strategy)
+    if hasattr(cp_mixer.context_parallel, "fuse_projection"):
+        cp_mixer.context_parallel.fuse_projection = case.fuse_projection
 
     gen = torch.Generator(device="cpu").manual_seed(case.seed + 1)
     if case.layout == "bshd":
