@@ -180,18 +180,25 @@ def test_triton_conv_under_the_interpreter():
     script = textwrap.dedent(
         """
         import torch
-        from mamba_cp.kernels.triton_conv import causal_conv1d_triton
+        from mamba_cp.kernels import triton_conv
         from mamba_cp.kernels.conv_reference import causal_conv1d_ref
         torch.manual_seed(0)
-        x = torch.randn(2, 40, 40)[..., 3:35].requires_grad_(True)
-        w = torch.randn(32, 4, requires_grad=True); b = torch.randn(32, requires_grad=True)
-        seq = torch.zeros(2, 40, dtype=torch.int32); seq[:, 9:] += 1; seq[:, 10:] += 1
-        out = causal_conv1d_triton(x, w, b, seq_idx=seq)
-        ref = causal_conv1d_ref(x, w, b, seq_idx=seq)
-        g = torch.randn_like(ref)
-        for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
-            assert (a - r).abs().max() < 1e-4 * r.abs().max(), (a - r).abs().max()
-        assert (out - ref).abs().max() < 1e-5
+        # Every backward tile variant the autotuner may pick; L=600 spans three 256-token programs, with
+        # sequence boundaries on both sides of a program boundary.
+        variants = [(16, 64, True), (8, 128, False), (32, 64, False)]
+        for length, (block_l, block_c, acc_2d) in [(40, variants[0])] + [(600, v) for v in variants]:
+            triton_conv._BWD_DEFAULT.update(BLOCK_L=block_l, BLOCK_C=block_c, ACC_2D=acc_2d)
+            x = torch.randn(2, length, 40)[..., 3:35].requires_grad_(True)
+            w = torch.randn(32, 4, requires_grad=True); b = torch.randn(32, requires_grad=True)
+            seq = torch.zeros(2, length, dtype=torch.int32)
+            for cut in (9, 10, 255, 257, 300):
+                seq[:, cut:] += 1 if cut < length else 0
+            out = triton_conv.causal_conv1d_triton(x, w, b, seq_idx=seq)
+            ref = causal_conv1d_ref(x, w, b, seq_idx=seq)
+            g = torch.randn_like(ref)
+            for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+                assert (a - r).abs().max() < 1e-4 * r.abs().max(), (length, block_l, (a - r).abs().max())
+            assert (out - ref).abs().max() < 1e-5
         print("ok")
         """
     )

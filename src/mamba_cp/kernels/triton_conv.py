@@ -8,9 +8,10 @@ stride, so the strided ``xBC`` column view of an in_proj output is consumed with
 offset is computed in int64 (no 2**31 limit on the tensor's span).
 
 Narrow filters are run as 4-tap filters whose leading taps are zero: one specialised kernel pair serves
-``K`` in 1..4. The backward recomputes the pre-activation from ``x`` (nothing but ``x`` is saved) and
-keeps the seven shifted ``x`` tiles it needs in registers; the weight and bias gradients are reduced per
-block of tokens into a small float32 buffer and summed by torch (deterministic, no atomics).
+``K`` in 1..4. The backward recomputes the pre-activation from ``x`` (nothing but ``x`` is saved) from the
+shifted ``x`` tiles it keeps in registers; the weight and bias gradients are reduced per 256 tokens into a
+small float32 buffer and summed by torch (deterministic, no atomics). Its tile shape is autotuned per
+channel count.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ MAX_WIDTH = 4
 """Widest filter the kernels handle; wider ones go to the reference."""
 
 _FWD_BLOCK_L, _FWD_BLOCK_C = 32, 128
-_BWD_BLOCK_L, _BWD_BLOCK_C = 16, 128
-_BWD_TOKENS_PER_PROGRAM = 1024  # tokens one backward program walks; bounds the partial-sum buffer
+_BWD_TOKENS_PER_PROGRAM = 256
+"""Tokens one backward program walks: enough programs to fill the GPU at 16K tokens, and a partial-sum
+buffer of ``5 * C`` floats per 256 tokens (52 MB at 128K tokens and 10240 channels)."""
 
 
 @triton.jit
@@ -98,14 +100,31 @@ def _dact(dy, a, SILU: tl.constexpr):
     return dy
 
 
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_L": bl, "BLOCK_C": bc, "ACC_2D": acc}, num_warps=nw)
+    for bl, bc, nw in ((16, 128, 8), (16, 64, 4), (32, 64, 8), (8, 128, 4), (32, 128, 8))
+    for acc in (False, True)
+]
+"""Tile shapes tried once per channel count (Triton's autotuner; the best depends on the card's registers)."""
+_BWD_DEFAULT = {"BLOCK_L": 16, "BLOCK_C": 64, "ACC_2D": True, "num_warps": 4}
+"""The configuration used without autotuning (Triton's CPU interpreter)."""
+
+
 @triton.jit
 def _conv_bwd_kernel(
     X, W, BIAS, SEQ, DOUT, DX, DW_PART, DB_PART,
     L, C,
     stride_xb, stride_xl, stride_gb, stride_gl, stride_dxb, stride_dxl, stride_sb,
-    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, ACC_2D: tl.constexpr,
 ):  # fmt: skip
+    """One program: ``TOKENS_PER_PROGRAM`` tokens x ``BLOCK_C`` channels, in blocks of ``BLOCK_L`` rows.
+
+    The statements are ordered so that each shifted ``x`` tile dies as soon as the last pre-activation that
+    reads it is formed (at most five ``x`` tiles live: register pressure, not bandwidth, bounds this kernel).
+    ``ACC_2D`` keeps the weight/bias sums as ``[BLOCK_L, BLOCK_C]`` tiles reduced once at the end instead
+    of five cross-row reductions per block.
+    """
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -125,61 +144,69 @@ def _conv_bwd_kernel(
     else:
         bias = tl.zeros((1, BLOCK_C), tl.float32)
 
-    dw0 = tl.zeros((BLOCK_C,), tl.float32)
-    dw1 = tl.zeros((BLOCK_C,), tl.float32)
-    dw2 = tl.zeros((BLOCK_C,), tl.float32)
-    dw3 = tl.zeros((BLOCK_C,), tl.float32)
-    db = tl.zeros((BLOCK_C,), tl.float32)
+    if ACC_2D:
+        acc0 = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+        acc1 = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+        acc2 = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+        acc3 = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+        accb = tl.zeros((BLOCK_L, BLOCK_C), tl.float32)
+    else:
+        acc0 = tl.zeros((BLOCK_C,), tl.float32)
+        acc1 = tl.zeros((BLOCK_C,), tl.float32)
+        acc2 = tl.zeros((BLOCK_C,), tl.float32)
+        acc3 = tl.zeros((BLOCK_C,), tl.float32)
+        accb = tl.zeros((BLOCK_C,), tl.float32)
 
     start = pid_t * TOKENS_PER_PROGRAM
     for i in range(0, TOKENS_PER_PROGRAM, BLOCK_L):
         s = start + i + tl.arange(0, BLOCK_L)
-        # x at offsets -3..+3 from s, and the sequence ids there.
-        xm3 = _load_tile(x_base, s - 3, L, offs_c, mask_c, stride_xl)
-        xm2 = _load_tile(x_base, s - 2, L, offs_c, mask_c, stride_xl)
-        xm1 = _load_tile(x_base, s - 1, L, offs_c, mask_c, stride_xl)
-        x0 = _load_tile(x_base, s, L, offs_c, mask_c, stride_xl)
-        xp1 = _load_tile(x_base, s + 1, L, offs_c, mask_c, stride_xl)
-        xp2 = _load_tile(x_base, s + 2, L, offs_c, mask_c, stride_xl)
-        xp3 = _load_tile(x_base, s + 3, L, offs_c, mask_c, stride_xl)
-        qm3 = _load_seq(seq_base, s - 3, L, HAS_SEQ)
-        qm2 = _load_seq(seq_base, s - 2, L, HAS_SEQ)
-        qm1 = _load_seq(seq_base, s - 1, L, HAS_SEQ)
         q0 = _load_seq(seq_base, s, L, HAS_SEQ)
-        qp1 = _load_seq(seq_base, s + 1, L, HAS_SEQ)
-        qp2 = _load_seq(seq_base, s + 2, L, HAS_SEQ)
-        qp3 = _load_seq(seq_base, s + 3, L, HAS_SEQ)
-
-        # Pre-activations at t = s + j (j = 0..3) and their gradients g_j (zero for t >= L via dout).
-        # Tap k of output t reads t - (3 - k); a tap across a sequence boundary reads zero.
-        e_m1_0 = _same(qm1, q0)
-        e_m2_0 = _same(qm2, q0)
-        e_m3_0 = _same(qm3, q0)
-        a0 = bias + w3 * x0 + w2 * xm1 * e_m1_0 + w1 * xm2 * e_m2_0 + w0 * xm3 * e_m3_0
+        qm1 = _load_seq(seq_base, s - 1, L, HAS_SEQ)
+        qm2 = _load_seq(seq_base, s - 2, L, HAS_SEQ)
+        qm3 = _load_seq(seq_base, s - 3, L, HAS_SEQ)
+        x0 = _load_tile(x_base, s, L, offs_c, mask_c, stride_xl)
+        xm1 = _load_tile(x_base, s - 1, L, offs_c, mask_c, stride_xl)
+        xm2 = _load_tile(x_base, s - 2, L, offs_c, mask_c, stride_xl)
+        # Output s reads x[s-3..s] (taps across a sequence boundary read zero); its gradient g0 gives the
+        # weight and bias gradients and the first term of dx[s].
+        xm3 = _load_tile(x_base, s - 3, L, offs_c, mask_c, stride_xl) * _same(qm3, q0)
+        a0 = bias + w3 * x0 + w2 * xm1 * _same(qm1, q0) + w1 * xm2 * _same(qm2, q0) + w0 * xm3
         g0 = _dact(_load_tile(g_base, s, L, offs_c, mask_c, stride_gl), a0, SILU)
-        e_0_1 = _same(q0, qp1)
-        a1 = bias + w3 * xp1 + w2 * x0 * e_0_1 + w1 * xm1 * _same(qm1, qp1) + w0 * xm2 * _same(qm2, qp1)
-        g1 = _dact(_load_tile(g_base, s + 1, L, offs_c, mask_c, stride_gl), a1, SILU)
-        e_0_2 = _same(q0, qp2)
-        a2 = bias + w3 * xp2 + w2 * xp1 * _same(qp1, qp2) + w1 * x0 * e_0_2 + w0 * xm1 * _same(qm1, qp2)
-        g2 = _dact(_load_tile(g_base, s + 2, L, offs_c, mask_c, stride_gl), a2, SILU)
-        e_0_3 = _same(q0, qp3)
-        a3 = bias + w3 * xp3 + w2 * xp2 * _same(qp2, qp3) + w1 * xp1 * _same(qp1, qp3) + w0 * x0 * e_0_3
-        g3 = _dact(_load_tile(g_base, s + 3, L, offs_c, mask_c, stride_gl), a3, SILU)
-
-        # x_s feeds outputs s..s+3 through taps 3..0.
-        dx = w3 * g0 + w2 * g1 * e_0_1 + w1 * g2 * e_0_2 + w0 * g3 * e_0_3
+        if ACC_2D:
+            acc3 += g0 * x0
+            acc2 += g0 * xm1 * _same(qm1, q0)
+            acc1 += g0 * xm2 * _same(qm2, q0)
+            acc0 += g0 * xm3
+            accb += g0
+        else:
+            acc3 += tl.sum(g0 * x0, axis=0)
+            acc2 += tl.sum(g0 * xm1 * _same(qm1, q0), axis=0)
+            acc1 += tl.sum(g0 * xm2 * _same(qm2, q0), axis=0)
+            acc0 += tl.sum(g0 * xm3, axis=0)
+            accb += tl.sum(g0, axis=0)
+        dx = w3 * g0
+        # x[s] also feeds outputs s+1..s+3 through taps 2..0 (when they are in its sequence).
+        qp1 = _load_seq(seq_base, s + 1, L, HAS_SEQ)
+        xp1 = _load_tile(x_base, s + 1, L, offs_c, mask_c, stride_xl)
+        a1 = bias + w3 * xp1 + w2 * x0 * _same(q0, qp1) + w1 * xm1 * _same(qm1, qp1) + w0 * xm2 * _same(qm2, qp1)
+        dx += w2 * _dact(_load_tile(g_base, s + 1, L, offs_c, mask_c, stride_gl), a1, SILU) * _same(q0, qp1)
+        qp2 = _load_seq(seq_base, s + 2, L, HAS_SEQ)
+        xp2 = _load_tile(x_base, s + 2, L, offs_c, mask_c, stride_xl)
+        a2 = bias + w3 * xp2 + w2 * xp1 * _same(qp1, qp2) + w1 * x0 * _same(q0, qp2) + w0 * xm1 * _same(qm1, qp2)
+        dx += w1 * _dact(_load_tile(g_base, s + 2, L, offs_c, mask_c, stride_gl), a2, SILU) * _same(q0, qp2)
+        qp3 = _load_seq(seq_base, s + 3, L, HAS_SEQ)
+        xp3 = _load_tile(x_base, s + 3, L, offs_c, mask_c, stride_xl)
+        a3 = bias + w3 * xp3 + w2 * xp2 * _same(qp2, qp3) + w1 * xp1 * _same(qp1, qp3) + w0 * x0 * _same(q0, qp3)
+        dx += w0 * _dact(_load_tile(g_base, s + 3, L, offs_c, mask_c, stride_gl), a3, SILU) * _same(q0, qp3)
         ok = s < L
         dx_ptrs = DX + b * stride_dxb + s.to(tl.int64)[:, None] * stride_dxl + offs_c[None, :]
         tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=ok[:, None] & mask_c[None, :])
 
-        # Output s's gradient g0 times what each tap read.
-        dw3 += tl.sum(g0 * x0, axis=0)
-        dw2 += tl.sum(g0 * xm1 * e_m1_0, axis=0)
-        dw1 += tl.sum(g0 * xm2 * e_m2_0, axis=0)
-        dw0 += tl.sum(g0 * xm3 * e_m3_0, axis=0)
-        db += tl.sum(g0, axis=0)
-
+    if ACC_2D:
+        dw0, dw1, dw2, dw3 = tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)
+        db = tl.sum(accb, axis=0)
+    else:
+        dw0, dw1, dw2, dw3, db = acc0, acc1, acc2, acc3, accb
     part = b * n_t + pid_t
     dw_base = DW_PART + part * 4 * C
     tl.store(dw_base + 0 * C + offs_c, dw0, mask=mask_c)
@@ -187,6 +214,9 @@ def _conv_bwd_kernel(
     tl.store(dw_base + 2 * C + offs_c, dw2, mask=mask_c)
     tl.store(dw_base + 3 * C + offs_c, dw3, mask=mask_c)
     tl.store(DB_PART + part * C + offs_c, db, mask=mask_c)
+
+
+_conv_bwd_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["C", "HAS_SEQ"])(_conv_bwd_kernel)
 
 
 def _on_device(t: torch.Tensor):
@@ -239,20 +269,24 @@ class _CausalConv1dFn(torch.autograd.Function):
         dout = _as_rows(dout)
         batch, length, channels = x.shape
         dx = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
-        per_program = min(_BWD_TOKENS_PER_PROGRAM, triton.cdiv(length, _BWD_BLOCK_L) * _BWD_BLOCK_L)
-        n_t = triton.cdiv(length, per_program)
+        n_t = triton.cdiv(length, _BWD_TOKENS_PER_PROGRAM)
         dw_part = torch.empty((batch * n_t, 4, channels), device=x.device, dtype=torch.float32)
         db_part = torch.empty((batch * n_t, channels), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(channels, _BWD_BLOCK_C), n_t, batch)
+        args = (
+            x, w4, bias_c if bias_c is not None else w4, seq if seq is not None else x, dout, dx, dw_part, db_part,
+            length, channels,
+            x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
+            seq.stride(0) if seq is not None else 0,
+        )  # fmt: skip
+        flags = {"HAS_BIAS": bias_c is not None, "HAS_SEQ": seq is not None, "SILU": ctx.silu}
+        flags["TOKENS_PER_PROGRAM"] = _BWD_TOKENS_PER_PROGRAM
         with _on_device(x):
-            _conv_bwd_kernel[grid](
-                x, w4, bias_c if bias_c is not None else w4, seq if seq is not None else x, dout, dx, dw_part, db_part,
-                length, channels,
-                x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0), dx.stride(1),
-                seq.stride(0) if seq is not None else 0,
-                HAS_BIAS=bias_c is not None, HAS_SEQ=seq is not None, SILU=ctx.silu,
-                BLOCK_L=_BWD_BLOCK_L, BLOCK_C=_BWD_BLOCK_C, TOKENS_PER_PROGRAM=per_program, num_warps=8,
-            )  # fmt: skip
+            if x.is_cuda:
+                grid = lambda meta: (triton.cdiv(channels, meta["BLOCK_C"]), n_t, batch)  # noqa: E731
+                _conv_bwd_tuned[grid](*args, **flags)
+            else:  # Triton's CPU interpreter: one fixed configuration (the autotuner times on a GPU)
+                grid = (triton.cdiv(channels, _BWD_DEFAULT["BLOCK_C"]), n_t, batch)
+                _conv_bwd_kernel[grid](*args, **flags, **_BWD_DEFAULT)
         dw = dw_part.sum(0).t()[:, MAX_WIDTH - ctx.width :].to(ctx.weight_dtype)  # [C, K]
         db = db_part.sum(0).to(bias_c.dtype) if ctx.has_bias else None
         return dx, dw, db, None, None
