@@ -23,12 +23,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import mamba_cp
-from mamba_cp import Mamba2Mixer
+from mamba_cp import Mamba2Mixer, state_passing
 from mamba_cp.groups import CPGroup
+from mamba_cp.kernels.ssd_reference import process_dt, ssd_chunk_scan_ref
 from mamba_cp.parallelize import auto_strategy
-from mamba_cp.segments import SegmentPlanCache
+from mamba_cp.segments import SegmentPlanCache, build_segment_plan
 from mamba_cp.ssm_block import SSMShape
-from mamba_cp.state_passing import StatePassingContextParallel
+from mamba_cp.state_passing import SegmentStates, StateCorrection, StatePassingContextParallel
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
@@ -50,6 +51,8 @@ PARITY = [
     (2, "bshd_segment2_shorter_than_halo", sp(batch=2, seqlen=8, chunk_size=4)),
     (2, "thd_short_seq_long_seq_mid_run", sp(layout="thd", seqlens=[4, 40, 12, 8])),
     (2, "thd_long_seq_single", sp(layout="thd", seqlens=[44], num_heads=3, n_groups=3, chunk_size=4)),
+    (2, "thd_segments_whole_chunks_no_pad_slots", sp(layout="thd", seqlens=[32, 64, 32], chunk_size=8)),
+    (2, "thd_one_chunk_per_segment", sp(layout="thd", seqlens=[32, 32], chunk_size=8, num_heads=6, n_groups=3)),
     (4, "bshd_B2_H2_not_divisible_G1_lt_cp", sp(batch=2, seqlen=48, num_heads=2, n_groups=1, chunk_size=4)),
     (4, "bshd_H6_G2_lt_cp_chunk8_not_dividing_segment6", sp(batch=2, seqlen=48, num_heads=6, n_groups=2)),
     (4, "thd_short_seqs_long_seq_mid_run_G6_gt_cp", sp(layout="thd", seqlens=[8, 64, 16, 8], num_heads=6, n_groups=6)),
@@ -85,9 +88,9 @@ CP1 = [
 ]
 
 
-@pytest.mark.parametrize(("case", "seqlens"), CP1)
-def test_parity_cp1_two_segments_per_row(case: ParityCase, seqlens: list[int] | None) -> None:
-    """Without processes: one rank, still two segments per sequence passing state through the plan."""
+def _cp1_errors(case: ParityCase, seqlens: list[int] | None) -> dict[str, float]:
+    """One rank, no processes (two segments per sequence still pass state through the plan): the worst
+    relative error of the output and of every gradient against the plain mixer."""
     ref = build_mixer(case, torch.device("cpu"))
     mixer = copy.deepcopy(ref)
     mixer.context_parallel = StatePassingContextParallel(CPGroup(None, 1, 0), mixer, SegmentPlanCache())
@@ -103,9 +106,265 @@ def test_parity_cp1_two_segments_per_row(case: ParityCase, seqlens: list[int] | 
     pairs = {"output": (outs[1], outs[0]), "input.grad": (leaves[1].grad, leaves[0].grad)}
     ref_params = dict(ref.named_parameters())
     pairs |= {f"{n}.grad": (p.grad, ref_params[n].grad) for n, p in mixer.named_parameters()}
-    for what, (got, want) in pairs.items():
-        err = float((got - want).detach().abs().max() / want.detach().abs().max())
-        assert err <= RTOL, f"{what}: relative error {err:.2e}"
+    return {
+        what: float((got - want).detach().abs().max() / want.detach().abs().max())
+        for what, (got, want) in pairs.items()
+    }
+
+
+@pytest.mark.parametrize(("case", "seqlens"), CP1)
+def test_parity_cp1_two_segments_per_row(case: ParityCase, seqlens: list[int] | None) -> None:
+    """Without processes: one rank, still two segments per sequence passing state through the plan."""
+    bad = {k: v for k, v in _cp1_errors(case, seqlens).items() if not v <= RTOL}
+    assert not bad, f"relative errors above {RTOL}: {bad}"
+
+
+# ------------------------------------------------------------------------------ summaries and correction by matmul
+
+SIZES = {"H": 4, "P": 3, "G": 2, "N": 5, "chunk": 4}  # odd sizes so that a transposed layout cannot pass
+
+
+LAYOUTS = ["bshd", "thd", "thd_whole_blocks"]
+
+
+def _plan(layout: str):
+    """BSHD: cp=2, rank 1, B=2, 6 tokens per segment. THD: cp=2, rank 0, sequences 4/40/12/8 give segments of
+    1, 10, 3 and 2 tokens: pad slots in the slot grid, a segment spanning three blocks. THD whole blocks:
+    sequences 16/32 give segments of 4 and 8 tokens, no pad slots (slots are tokens, no gathers)."""
+    if layout == "bshd":
+        return build_segment_plan(2, 1, 2, 12, halo=3, block_size=4)
+    if layout == "thd":
+        return build_segment_plan(2, 0, 1, 32, torch.tensor([0, 4, 44, 56, 64]), halo=3, block_size=4)
+    return build_segment_plan(2, 1, 1, 24, torch.tensor([0, 16, 48]), halo=3, block_size=4)
+
+
+def _segment_tokens(plan) -> list[range]:
+    if plan.packed is None:
+        return [range(r * plan.seg_len, (r + 1) * plan.seg_len) for r in range(plan.num_segments)]
+    return [range(int(a), int(b)) for a, b in zip(plan.packed.seg_first, plan.packed.seg_stop, strict=True)]
+
+
+def _ssd_inputs(plan, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float64 leaves for one rank's tokens: x [T, H, P], raw dt [T, H], A [H], dt_bias [H], B/C
+    [T, G, N], h [2S, H, P, N]."""
+    gen = torch.Generator().manual_seed(seed)
+    t, (h, p, g, n) = plan.batch * plan.local_len, (SIZES[k] for k in "HPGN")
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
+
+    return {
+        "x": rand(t, h, p),
+        "dt": rand(t, h, scale=0.5),
+        "A": (-torch.rand(h, generator=gen, dtype=torch.float64) - 0.5).requires_grad_(True),
+        "dt_bias": rand(h, scale=0.5),
+        "B": rand(t, g, n),
+        "C": rand(t, g, n),
+        "h": rand(plan.num_segments, h, p, n),
+    }
+
+
+def _kernel_per_segment(v: dict, toks: range, **kw):
+    """The reference SSD kernel on one segment's tokens (batch of one)."""
+    return ssd_chunk_scan_ref(
+        v["x"][None, toks.start : toks.stop],
+        v["dt"][None, toks.start : toks.stop],
+        v["A"],
+        v["B"][None, toks.start : toks.stop],
+        v["C"][None, toks.start : toks.stop],
+        SIZES["chunk"],
+        dt_bias=v["dt_bias"],
+        dt_softplus=True,
+        **kw,
+    )
+
+
+def _decays(v: dict, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, written independently of the module: ``after`` (sum of dt*A over the later tokens of its
+    segment) and ``through`` (from its segment's start through itself), both ``[T, H]``."""
+    dt_p = process_dt(v["dt"], v["dt_bias"], True)
+    dA = dt_p * v["A"]
+    after, through = torch.zeros_like(dA), torch.zeros_like(dA)
+    for toks in _segment_tokens(plan):
+        seg = dA[toks.start : toks.stop]
+        through = through.index_put((torch.tensor(toks),), seg.cumsum(0))
+        after = after.index_put((torch.tensor(toks),), seg.flip(0).cumsum(0).flip(0) - seg)
+    return after, through, dt_p
+
+
+def _grads(out: torch.Tensor, v: dict, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of ``sum(out * cotangent)`` for the leaves that reach ``out``."""
+    got = torch.autograd.grad((out * cotangent).sum(), list(v.values()), allow_unused=True)
+    return {k: g for k, g in zip(v, got, strict=True) if g is not None}
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).detach().abs().max() / want.detach().abs().max())
+
+
+def _worst(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max(_rel(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_segment_states_equal_kernel_final_states(layout: str) -> None:
+    """The summaries by matmul equal the SSD kernel's ``return_final_states`` of every segment run alone from
+    zero, and their hand-written backward equals autograd through the kernel (float64)."""
+    plan = _plan(layout)
+    v = _ssd_inputs(plan)
+    want = torch.cat([_kernel_per_segment(v, toks, return_final_states=True)[1] for toks in _segment_tokens(plan)])
+    after, _, dt_p = _decays(v, plan)
+    got = SegmentStates.apply(v["x"], v["B"], after.exp() * dt_p, plan.slots)
+    assert got.shape == want.shape == (plan.num_segments, SIZES["H"], SIZES["P"], SIZES["N"])
+    assert _rel(got, want) < 1e-13
+    cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = _grads(got, v, cotangent)
+    assert set(grads) == {"x", "dt", "A", "dt_bias", "B"}
+    assert _worst(grads, _grads(want, v, cotangent)) < 1e-12
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_state_correction_equals_kernel_initial_states(layout: str) -> None:
+    """Zero-state output plus the correction by matmul equals the kernel run from ``initial_states`` = the
+    segment's incoming state, for the output and every gradient (``h`` included; float64)."""
+    plan = _plan(layout)
+    v = _ssd_inputs(plan, seed=1)
+    segments = _segment_tokens(plan)
+    want = torch.cat(
+        [_kernel_per_segment(v, toks, initial_states=v["h"][i : i + 1])[0] for i, toks in enumerate(segments)]
+    )
+    y0 = torch.cat([_kernel_per_segment(v, toks)[0] for toks in segments])
+    _, through, _ = _decays(v, plan)
+    got = StateCorrection.apply(y0, v["C"], v["h"], through.exp(), plan.slots)
+    assert _rel(got, want) < 1e-13
+    cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grads = _grads(got, v, cotangent)
+    assert set(grads) == set(v)
+    assert _worst(grads, _grads(want, v, cotangent)) < 1e-12
+
+
+@pytest.mark.parametrize("fn", ["states", "correction"])
+def test_matmul_functions_gradcheck_with_pad_slots(fn: str) -> None:
+    """Finite differences against the hand-written backward, on the packed slot grid (pad slots included)."""
+    plan = _plan("thd")
+    v = _ssd_inputs(plan, seed=2)
+    w = torch.rand(v["dt"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if fn == "states":
+        inputs = (v["x"], v["B"], w.requires_grad_(True))
+        assert torch.autograd.gradcheck(lambda *a: SegmentStates.apply(*a, plan.slots), inputs, fast_mode=True)
+    else:
+        inputs = (v["x"], v["C"], v["h"], w.requires_grad_(True))
+        assert torch.autograd.gradcheck(lambda *a: StateCorrection.apply(*a, plan.slots), inputs, fast_mode=True)
+
+
+class _Calls:
+    """Records the keyword arguments of every SSD kernel call the strategy makes."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.kwargs: list[dict] = []
+        real = state_passing.kernels.ssd_chunk_scan
+
+        def spy(*args, **kw):
+            self.kwargs.append(kw)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(state_passing.kernels, "ssd_chunk_scan", spy)
+
+
+@pytest.mark.parametrize(("case", "seqlens"), CP1[::2])
+def test_one_kernel_call_per_layer(case: ParityCase, seqlens: list[int] | None, monkeypatch) -> None:
+    """BSHD: one SSD call from the incoming states (no final-state call, no post-hoc correction); THD: one
+    call with ``seq_idx`` = segment id (the kernel's initial state reaches only the first sequence)."""
+    calls = _Calls(monkeypatch)
+    assert max(_cp1_errors(case, seqlens).values()) <= RTOL
+    assert len(calls.kwargs) == 2  # the plain mixer's call, then the strategy's
+    kw = calls.kwargs[1]
+    assert not kw.get("return_final_states", False)
+    if seqlens is None:
+        assert kw["initial_states"] is not None and kw.get("seq_idx") is None
+    else:
+        assert kw.get("initial_states") is None and kw["seq_idx"] is not None
+
+
+PLANTED = [
+    pytest.param(layout, bug, id=f"{layout}-{bug}")
+    for layout, bugs in (
+        ("bshd", ["h_in", "states_backward_dw"]),
+        ("thd", ["h_in", "states_backward_dw", "correction_backward_dscale"]),
+    )
+    for bug in bugs
+]
+
+
+@pytest.mark.parametrize(("layout", "bug"), PLANTED)
+def test_planted_bugs_are_caught(layout: str, bug: str, monkeypatch) -> None:
+    """A 1e-6 error in the incoming states, or a dropped gradient term in either matmul Function's backward,
+    fails the float64 parity check by orders of magnitude."""
+    case, seqlens = CP1[0 if layout == "bshd" else 2].values
+    if bug == "h_in":
+        real = StatePassingContextParallel.incoming_states
+        monkeypatch.setattr(StatePassingContextParallel, "incoming_states", lambda self, *a: real(self, *a) + 1e-6)
+    else:  # the backward without its gradient for the decay weights / scales
+        fn = SegmentStates if bug == "states_backward_dw" else StateCorrection
+        real_bwd, keep = fn.backward, 2 if fn is SegmentStates else 3
+        monkeypatch.setattr(fn, "backward", staticmethod(lambda ctx, d: (*real_bwd(ctx, d)[:keep], None, None)))
+    errors = _cp1_errors(case, seqlens)
+    assert max(errors.values()) > 1e3 * RTOL, errors
+    if bug != "h_in":
+        assert errors["output"] <= RTOL  # only gradients through the decays (A_log, dt_bias, input) move
+        assert min(errors["A_log.grad"], errors["dt_bias.grad"]) > 1e3 * RTOL, errors
+
+
+def _mixed_precision_worker(rank: int, world: int) -> dict:
+    """bf16 / fp16 state passing (decay parameters float32) against the float32 plain mixer."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for layout in ("bshd", "thd"):
+            torch.manual_seed(0)
+            kw = {"hidden_size": 16, "num_heads": 4, "head_dim": 4, "n_groups": 2, "state_size": 8, "chunk_size": 4}
+            ref = Mamba2Mixer(**kw, dtype=torch.float32)
+            low = Mamba2Mixer(**kw, dtype=dtype)
+            low.load_state_dict(ref.state_dict())
+            mamba_cp.parallelize(low, dist.group.WORLD, strategy="state_passing")
+            gen = torch.Generator().manual_seed(1)
+            cu = torch.tensor([0, 8, 40, 48], dtype=torch.int32) if layout == "thd" else None
+            shape, seq_dim = ((48, 16), 0) if layout == "thd" else ((2, 32, 16), 1)
+            x, w = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+            x_ref = x.clone().requires_grad_(True)
+            (ref(x_ref, cu_seqlens=cu) * w).sum().backward()
+            x_low = mamba_cp.shard(x, world, rank, seq_dim, cu).to(dtype).requires_grad_(True)
+            y = low(x_low, cu_seqlens=cu)
+            (y.float() * mamba_cp.shard(w, world, rank, seq_dim, cu)).sum().backward()
+            mamba_cp.all_reduce_gradients(low, dist.group.WORLD)
+
+            def rel(a, b):
+                return float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max())
+
+            y_ref = mamba_cp.shard(ref(x, cu_seqlens=cu).detach(), world, rank, seq_dim, cu)
+            errors = {
+                "output": rel(y, y_ref),
+                "input.grad": rel(x_low.grad, mamba_cp.shard(x_ref.grad, world, rank, seq_dim, cu)),
+            }
+            ref_params = dict(ref.named_parameters())
+            errors |= {f"{n}.grad": rel(p.grad, ref_params[n].grad) for n, p in low.named_parameters()}
+            out[f"{layout}-{str(dtype).removeprefix('torch.')}"] = errors
+    return out
+
+
+MIXED_BOUNDS = {"bfloat16": (2e-2, 5e-2), "float16": (5e-3, 5e-3)}
+"""(output, gradients): largest error relative to the largest float32 value; the bounds of
+``tests/test_training.py`` for hidden-parallel (bf16 u = 2**-9, fp16 u = 2**-11, with 2x-3x margin)."""
+
+
+def test_half_precision_state_passing_within_bound() -> None:
+    """bf16 / fp16 mixers (the half branches: activation-dtype weighted operands, float32 summaries, fused
+    scale-and-add, kernel from float32 initial states) match the float32 run within the stated bounds."""
+    for rank_errors in run_on_ranks(_mixed_precision_worker, 2):
+        for name, errors in rank_errors.items():
+            out_bound, grad_bound = MIXED_BOUNDS[name.split("-")[1]]
+            assert errors["output"] < out_bound, (name, errors)
+            assert max(v for k, v in errors.items() if k != "output") < grad_bound, (name, errors)
 
 
 # ---------------------------------------------------------------------------------------------------- hot path

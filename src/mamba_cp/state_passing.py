@@ -8,18 +8,25 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
 :mod:`mamba_cp.segments`). Per layer:
 
 1. **conv1d**: each segment needs the ``K-1`` pre-conv tokens before it. Every rank all-gathers the last
-   ``K-1`` tokens of each of its segments (``2*S*(K-1)*C`` values), picks its halos, and convolves
-   ``[halo | segment]`` locally. Halos before a sequence start are zeros.
-2. **SSD from zero**: the kernel runs on every segment from a zero state (BSHD: segments are batch rows;
-   THD: ``seq_idx`` = segment id), giving ``y0``, each segment's final state ``[H, P, N]`` and its total
-   log decay ``sum(dt*A)`` per head.
+   ``K-1`` tokens of each of its segments (``2*S*(K-1)*C`` values) and picks its halos. The conv runs on the
+   segments from zero history (BSHD: segments are batch rows; THD: ``seq_idx`` = segment id), and only the
+   first ``K-1`` outputs of each segment, the ones that see the halo, are recomputed from small
+   ``[halo | segment head]`` windows and written over. Halos before a sequence start are zeros.
+2. **Summaries**: each segment's final state from a zero state, ``sum_t exp(log decay after t) * dt_t *
+   outer(x_t, B_t)`` per head, as batched matmuls in the activation dtype with float32 accumulation
+   (:class:`SegmentStates`), and its total log decay ``sum(dt*A)`` per head.
 3. **State passing**: one all-gather of those summaries (float32, float64 for float64 input), then, per
    sequence, the state entering chunk ``c`` is ``sum_{c'<c} exp(sum_{c'<k<c} log_decay_k) * final_{c'}``.
-4. **Correction**: ``y_t += C_t . (exp(cumsum(dt*A) through t) * h_in)`` per head, for every token of the
-   segment (a segment lies inside one sequence).
+4. **SSD with the incoming state**: BSHD runs the kernel once on the segment rows with
+   ``initial_states`` = the incoming states, which yields the exact output directly. THD runs the kernel
+   with ``seq_idx`` = segment id (it takes an initial state for the first sequence only) and adds
+   ``C_t . (exp(cumsum(dt*A) through t) * h_in)`` per head (:class:`StateCorrection`: matmuls in the
+   activation dtype, float32 accumulation, one fused scale-and-add).
 
-Everything is differentiable torch ops plus an autograd all-gather (backward: reduce-scatter), so the
-backward pass is exact and sends gradients of halos and summaries back to their owners. No per-token
+Everything is differentiable: torch ops, the kernels (the SSD kernel returns the gradient of its
+``initial_states``), the two matmul Functions with hand-written backward passes (``torch.bmm``'s float32
+``out_dtype`` has no autograd formula) and an autograd all-gather (backward: reduce-scatter), so the backward
+pass is exact and sends gradients of halos and summaries back to their owners. No per-token
 activation crosses ranks except the halos; ``num_heads % cp`` is unconstrained.
 
 The object owns no parameters: it reads the mixer's ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on every
@@ -80,9 +87,166 @@ def all_gather(input_: torch.Tensor, group: dist.ProcessGroup | None, size: int)
     return AllGather.apply(flat, group, size)
 
 
+def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.cumsum(dim)``, computed along the last, contiguous dim (then laid out like ``t`` again).
+
+    A scan along an outer dim of a ``[..., T, H]`` tensor runs one sequential thread per column on CUDA: at
+    64K tokens and 128 heads, 25 ms per step on an H200 (float64, fwd+bwd), where the same scan along the
+    innermost dim is a parallel block scan; the two transposing copies are ``T * H`` values each. The
+    backward (a reversed cumsum) inherits the fast layout.
+    """
+    return t.transpose(dim, -1).contiguous().cumsum(-1).transpose(dim, -1).contiguous()
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # States and decays stay float32 or wider; float64 stays float64 (exact tests).
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-segment matmuls (summaries and the THD correction)
+# --------------------------------------------------------------------------------------------------
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for ``[K, m, k] @ [K, k, n]`` operands of one dtype, returned in ``out_dtype``.
+
+    Half operands on CUDA with a float32 ``out_dtype`` run on the tensor cores and return the float32
+    accumulator unrounded (``torch.bmm(..., out_dtype=torch.float32)``: CUDA-only and without an autograd
+    formula, hence the autograd Functions below). Anywhere else the operands are cast to ``out_dtype``
+    first: a no-op for float32 and float64 (the exact CPU tests), a float32 copy for half tensors on CPU.
+    """
+    if a.dtype == out_dtype:
+        return torch.bmm(a, b)
+    if a.is_cuda and a.dtype in _HALF and out_dtype == torch.float32:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.to(out_dtype), b.to(out_dtype))
+
+
+def _scaled(x: torch.Tensor, w: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``x * w[..., None]`` rounded once to ``x.dtype`` (``w`` float32/float64): the product is formed in
+    ``w``'s precision and stored in ``x``'s, with no wide intermediate. ``in_place`` reuses ``x``."""
+    if in_place:
+        return x.mul_(w.unsqueeze(-1))
+    return torch.mul(x, w.unsqueeze(-1), out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class SegmentStates(torch.autograd.Function):
+    """Every segment's final state from a zero state, as batched matmuls over the plan's slot grid::
+
+        final[s, h, p, n] = sum_{t in s} w[t, h] * x[t, h, p] * B[t, g(h), n]
+
+    With ``w_t = exp(sum of dt*A after t in its segment) * dt_t`` this is the SSD state at the segment's
+    end. Per group ``g`` (its ``m = H/G`` heads share ``B``), ``w * x`` is formed in the activation dtype
+    (one rounding, as mamba_ssm's chunk-state kernel does) and multiplied by ``B`` with float32
+    accumulation: ``[K, m*P, q] @ [K, q, N]`` over the slot rows, then summed over each segment's rows
+    (THD). No float32 ``[T, H, P]`` tensor is formed; the backward recomputes ``w * x`` instead of saving it.
+
+    ``apply(x, B, w, slots)``: ``x`` ``[T, H, P]``, ``B`` ``[T, G, N]`` (activation dtype, views are fine),
+    ``w`` ``[T, H]`` (float32/float64), ``slots`` the plan's :class:`~mamba_cp.segments.SlotLayout` ->
+    ``[2*S, H, P, N]`` in ``w``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, w, slots):
+        t, h, p = x.shape
+        g, n = B.shape[1:]
+        m, k, q = h // g, slots.rows, slots.width
+        w_s = slots.to_slots_zero_pad(w)  # [K*q, H]; pad slots weigh zero
+        B_s = slots.to_slots(B)  # [K*q, G, N]
+        out = w.new_empty(slots.num_segments, g, m * p, n)
+        for j in range(g):  # groups: a model constant, not data-dependent
+            heads = slice(j * m, (j + 1) * m)
+            xw = _scaled(slots.to_slots(x[:, heads]), w_s[:, heads], in_place=not slots.slots_are_tokens)
+            rows = _bmm(xw.view(k, q, m * p).transpose(1, 2), B_s[:, j].view(k, q, n), w.dtype)  # [K, mP, N]
+            out[:, j] = slots.rows_to_segments(rows)
+        ctx.save_for_backward(x, B, w)
+        ctx.slots = slots
+        return out.view(slots.num_segments, h, p, n)
+
+    @staticmethod
+    def backward(ctx, d_final):
+        x, B, w = ctx.saved_tensors
+        slots = ctx.slots
+        t, h, p = x.shape
+        g, n = B.shape[1:]
+        m, k, q = h // g, slots.rows, slots.width
+        d_final = d_final.reshape(slots.num_segments, g, m * p, n)
+        w_s = slots.to_slots_zero_pad(w)
+        B_s = slots.to_slots(B)
+        dx = torch.empty(t, h, p, dtype=x.dtype, device=x.device)
+        dB_s = B_s.new_empty(k * q, g, n)
+        dw = torch.empty_like(w)
+        for j in range(g):
+            heads = slice(j * m, (j + 1) * m)
+            x_j = x[:, heads]  # [T, m, P]
+            xw = _scaled(slots.to_slots(x_j), w_s[:, heads], in_place=not slots.slots_are_tokens)
+            d_rows = slots.segments_to_rows(d_final[:, j]).to(x.dtype)  # [K, mP, N]
+            dB_s[:, j] = _bmm(xw.view(k, q, m * p), d_rows, x.dtype).view(k * q, n)
+            dxw = slots.to_tokens(_bmm(B_s[:, j].view(k, q, n), d_rows.transpose(1, 2), x.dtype).view(k * q, m, p))
+            dw[:, heads] = (dxw * x_j).sum(-1, dtype=w.dtype)
+            torch.mul(dxw, w[:, heads].unsqueeze(-1), out=dx[:, heads])
+        return dx, slots.to_tokens(dB_s), dw, None
+
+
+class StateCorrection(torch.autograd.Function):
+    """The output of segments that start from a nonzero state ``h_in``, given their zero-state output ``y0``::
+
+        y[t, h, p] = y0[t, h, p] + scale[t, h] * sum_n C[t, g(h), n] * h_in[seg(t), h, p, n]
+
+    with ``scale_t = exp(sum of dt*A from the segment start through t)``. Per group, ``C`` and ``h_in`` (cast
+    to the activation dtype, as the SSD kernels do with their chunk states) are multiplied with float32
+    accumulation (``[K, q, N] @ [K, N, m*P]`` over the slot rows), and the scale-and-add is one fused
+    ``addcmul`` into ``y`` in the activation dtype. The backward recomputes the product instead of saving it.
+
+    ``apply(y0, C, h_in, scale, slots)``: ``y0`` ``[T, H, P]``, ``C`` ``[T, G, N]`` (activation dtype),
+    ``h_in`` ``[2*S, H, P, N]``, ``scale`` ``[T, H]`` (float32/float64) -> ``y`` ``[T, H, P]``.
+    """
+
+    @staticmethod
+    def forward(ctx, y0, C, h_in, scale, slots):
+        t, h, p = y0.shape
+        g, n = C.shape[1:]
+        m, k, q = h // g, slots.rows, slots.width
+        C_s = slots.to_slots(C)  # [K*q, G, N]
+        h_rows = h_in.to(y0.dtype).reshape(slots.num_segments, g, m * p, n)
+        y = torch.empty(t, h, p, dtype=y0.dtype, device=y0.device)
+        for j in range(g):
+            heads = slice(j * m, (j + 1) * m)
+            hb = slots.segments_to_rows(h_rows[:, j])  # [K, mP, N]
+            corr = _bmm(C_s[:, j].view(k, q, n), hb.transpose(1, 2), scale.dtype)  # [K, q, mP]
+            corr = slots.to_tokens(corr.view(k * q, m, p))
+            torch.addcmul(y0[:, heads], corr, scale[:, heads].unsqueeze(-1), out=y[:, heads])
+        ctx.save_for_backward(C, h_in, scale)
+        ctx.slots = slots
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        C, h_in, scale = ctx.saved_tensors
+        slots = ctx.slots
+        t, h, p = dy.shape
+        g, n = C.shape[1:]
+        m, k, q = h // g, slots.rows, slots.width
+        C_s = slots.to_slots(C)
+        h_rows = h_in.to(dy.dtype).reshape(slots.num_segments, g, m * p, n)
+        scale_s = slots.to_slots_zero_pad(scale)  # [K*q, H]; pad slots get no gradient
+        dC_s = C_s.new_empty(k * q, g, n)
+        dh = h_in.new_empty(slots.num_segments, g, m * p, n)
+        dscale = torch.empty_like(scale)
+        for j in range(g):
+            heads = slice(j * m, (j + 1) * m)
+            hb = slots.segments_to_rows(h_rows[:, j])  # [K, mP, N]
+            C_j = C_s[:, j].view(k, q, n)
+            dy_s = slots.to_slots(dy[:, heads])  # [K*q, m, P]
+            corr = _bmm(C_j, hb.transpose(1, 2), scale.dtype).view(k * q, m, p)
+            dscale[:, heads] = slots.to_tokens(corr.mul_(dy_s).sum(-1))
+            dcorr = _scaled(dy_s, scale_s[:, heads], in_place=not slots.slots_are_tokens).view(k, q, m * p)
+            dC_s[:, j] = _bmm(dcorr, hb, dy.dtype).view(k * q, n)
+            dh[:, j] = slots.rows_to_segments(_bmm(dcorr.transpose(1, 2), C_j, h_in.dtype))  # [2S, mP, N]
+        return dy, slots.to_tokens(dC_s), dh.view(h_in.shape), dscale, None
 
 
 class StatePassingContextParallel:
@@ -123,6 +287,7 @@ class StatePassingContextParallel:
             cu_seqlens,
             halo=mixer.conv_kernel_size - 1,
             block_size=mixer.chunk_size,
+            state_size=self.shape.d_state,
             device=local.device,
         )
 
@@ -147,8 +312,8 @@ class StatePassingContextParallel:
         y = ssd(x, dt_BLH, A_H, B, C, dt_BLH_p, dA_BLH, plan)
         return y.reshape(b, local_len, shape.d_inner)
 
-    def _kernel(self, x, dt, A, B, C, **kw) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The SSD kernel from a zero state; ``x`` ``[R, t, H*P]``, ``B``/``C`` ``[R, t, G*N]``."""
+    def _kernel(self, x, dt, A, B, C, **kw) -> torch.Tensor:
+        """The SSD kernel (from zero unless ``initial_states``); ``x`` ``[R, t, H*P]``, ``B``/``C`` ``[R, t, G*N]``."""
         s, m = self.shape, self._mixer
         return kernels.ssd_chunk_scan(
             x.unflatten(-1, (s.num_heads, s.head_dim)),
@@ -165,7 +330,8 @@ class StatePassingContextParallel:
         )
 
     def _ssd_rows(self, x, dt, A_H, B, C, dt_p, dA, plan: SegmentPlan) -> torch.Tensor:
-        """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``; returns ``y`` ``[2B, c, H, P]``."""
+        """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``. Summaries by matmul, then one kernel call
+        from the incoming states. Returns ``y`` ``[2B, c, H, P]``."""
         s = self.shape
         rows, c = 2 * plan.batch, plan.seg_len
         cdtype = dA.dtype
@@ -173,65 +339,56 @@ class StatePassingContextParallel:
         def seg(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(rows, c, t.shape[-1])
 
-        y0, final_RHPN = self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), return_final_states=True)
-        cum_RcH = seg(dA).double().cumsum(1)  # log decay from the segment start through each token
-        log_decay_RH = cum_RcH[:, -1].to(cdtype)
+        cum_RcH = token_cumsum(seg(dA).double(), dim=1)  # log decay from the segment start through each token
+        log_decay_RH = cum_RcH[:, -1]
+        weight_RcH = (log_decay_RH[:, None] - cum_RcH).to(cdtype).exp() * seg(dt_p)  # exp(decay after t) * dt_t
+        final = SegmentStates.apply(
+            x.reshape(rows * c, s.num_heads, s.head_dim),
+            B.reshape(rows * c, s.n_groups, s.d_state),
+            weight_RcH.view(rows * c, s.num_heads),
+            plan.slots,
+        )  # [2B, H, P, N]
         h_in = self.incoming_states(
-            final_RHPN.view(plan.batch, 2, *final_RHPN.shape[1:]), log_decay_RH.view(plan.batch, 2, -1), plan
+            final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
         )
-        m = s.num_heads // s.n_groups
-        corr = torch.einsum(
-            "rtgn,rgmpn->rtgmp",
-            seg(C).to(cdtype).view(rows, c, s.n_groups, s.d_state),
-            h_in.reshape(rows, s.n_groups, m, s.head_dim, s.d_state),
-        )
-        corr = corr * cum_RcH.to(cdtype).exp().view(rows, c, s.n_groups, m, 1)
-        return (y0.to(cdtype) + corr.reshape(y0.shape)).to(y0.dtype)
+        return self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), initial_states=h_in.reshape(final.shape))
 
     def _ssd_packed(self, x, dt, A_H, B, C, dt_p, dA, plan: SegmentPlan) -> torch.Tensor:
-        """THD: one kernel call with ``seq_idx`` = segment id; per-segment reductions in blocks of ``Q``
-        tokens (every segment padded to whole blocks). Returns ``y`` ``[1, T_local, H, P]``."""
+        """THD: one kernel call with ``seq_idx`` = segment id, summaries and the correction by matmuls over
+        the plan's slot grid (segments padded to whole rows). Returns ``y`` ``[1, T_local, H, P]``."""
         s, pk = self.shape, plan.packed
         assert pk is not None
-        t_local, q, nb, nseg = plan.local_len, plan.block_size, pk.num_blocks, plan.num_segments
-        g, m, p, n = s.n_groups, s.num_heads // s.n_groups, s.head_dim, s.d_state
-        cdtype = dA.dtype
+        t_local, cdtype = plan.local_len, dA.dtype
+        heads, groups = (t_local, s.num_heads, s.head_dim), (t_local, s.n_groups, s.d_state)
         y0 = self._kernel(x, dt, A_H, B, C, seq_idx=pk.seg_idx)  # [1, T, H, P]
 
         # Log decays in float64: cumsum over the whole local stream, differences per segment.
-        cum = F.pad(dA[0].double().cumsum(0), (0, 0, 1, 0))  # [T+1, H]: cum[t] = sum over tokens < t
+        cum = F.pad(token_cumsum(dA[0].double(), dim=0), (0, 0, 1, 0))  # [T+1, H]: cum[t] = sum over tokens < t
         start_SH = cum.index_select(0, pk.seg_first)
         log_decay_SH = cum.index_select(0, pk.seg_stop) - start_SH  # [2S, H] whole segment
         through_TH = cum[1:] - start_SH.index_select(0, pk.token_seg)  # segment start through t
         after_TH = log_decay_SH.index_select(0, pk.token_seg) - through_TH  # after t to segment end
 
-        def blocks(t_TW: torch.Tensor) -> torch.Tensor:
-            # Every token to its slot in the padded block layout [nb * Q, W] (pads stay zero).
-            flat = t_TW.new_zeros(nb * q, t_TW.shape[-1]).index_copy_(0, pk.block_of_token, t_TW)
-            return flat.view(nb, q, t_TW.shape[-1])
-
-        # Final state of every segment: sum_t exp(after_t) * dt_t * x_t (outer) B_t, per block then segment.
         weight_TH = after_TH.to(cdtype).exp() * dt_p[0]
-        wx = blocks((weight_TH[:, :, None] * x[0].to(cdtype).view(t_local, s.num_heads, p)).flatten(1))
-        final_blocks = torch.einsum(
-            "kqgmp,kqgn->kgmpn", wx.view(nb, q, g, m, p), blocks(B[0].to(cdtype)).view(nb, q, g, n)
-        )
-        final = final_blocks.new_zeros(nseg, g, m, p, n).index_add_(0, pk.block_seg, final_blocks)
-
+        final = SegmentStates.apply(x[0].view(heads), B[0].view(groups), weight_TH, plan.slots)  # [2S, H, P, N]
         h_in = self.incoming_states(
-            final.view(plan.num_seqs, 2, s.num_heads, p, n), log_decay_SH.to(cdtype).view(plan.num_seqs, 2, -1), plan
+            final.view(plan.num_seqs, 2, *final.shape[1:]), log_decay_SH.to(cdtype).view(plan.num_seqs, 2, -1), plan
         )
-        h_blocks = h_in.reshape(nseg, g, m, p, n).index_select(0, pk.block_seg)
-        corr_blocks = torch.einsum("kqgn,kgmpn->kqgmp", blocks(C[0].to(cdtype)).view(nb, q, g, n), h_blocks)
-        corr_THP = corr_blocks.reshape(nb * q, s.num_heads, p).index_select(0, pk.block_of_token)
-        corr_THP = corr_THP * through_TH.to(cdtype).exp()[:, :, None]
-        return (y0[0].to(cdtype) + corr_THP).to(y0.dtype)[None]
+        y = StateCorrection.apply(
+            y0[0], C[0].view(groups), h_in.reshape(final.shape), through_TH.to(cdtype).exp(), plan.slots
+        )
+        return y[None]
 
     # ------------------------------------------------------------------ the two exchanges
 
     def conv(self, xBC_BLC: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         """Causal conv1d (SiLU) of this rank's tokens with halos from the tokens before each segment:
-        ``[B, L_local, C]`` -> ``[B, L_local, C]``. One all-gather (none for ``conv_kernel == 1``)."""
+        ``[B, L_local, C]`` -> ``[B, L_local, C]``. One all-gather (none for ``conv_kernel == 1``).
+
+        The conv runs on the segments from zero history (no copy of ``xBC``); the first ``min(halo, c)``
+        outputs of each segment are then recomputed from ``[halo | first halo tokens]`` windows
+        ``[2*S, 2*halo, C]`` and written over (per position the same arithmetic as one conv over
+        ``[halo | segment]``)."""
         mixer = self._mixer
         weight_CK, bias_C = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
         halo, width = plan.halo, xBC_BLC.shape[-1]
@@ -239,21 +396,25 @@ class StatePassingContextParallel:
             return kernels.causal_conv1d(xBC_BLC, weight_CK, bias_C, activation="silu")
         if plan.packed is None:
             rows, c = 2 * plan.batch, plan.seg_len
-            seg = xBC_BLC.reshape(rows, c, width)
+            seg = xBC_BLC.reshape(rows, c, width)  # a view: rows [B, 2, c] as [2B, c]
             tails = seg[:, c - halo :] if c >= halo else F.pad(seg, (0, 0, halo - c, 0))  # [2B, halo, C]
             halos = self.exchange_halos(tails.reshape(rows * halo, width), plan).view(rows, halo, width)
-            out = kernels.causal_conv1d(torch.cat([halos, seg], dim=1), weight_CK, bias_C, activation="silu")
-            return out[:, halo:].reshape(xBC_BLC.shape)
+            out = kernels.causal_conv1d(seg, weight_CK, bias_C, activation="silu")  # [2B, c, C]
+            head = min(halo, c)
+            window = torch.cat([halos, seg[:, :head]], dim=1)  # [2B, halo + head, C]
+            out[:, :head] = kernels.causal_conv1d(window, weight_CK, bias_C, activation="silu")[:, halo:]
+            return out.view(xBC_BLC.shape)
         pk = plan.packed
         x_TC = xBC_BLC[0]
         slots = plan.num_segments * halo
         tails = x_TC.new_zeros(slots, width).index_copy_(0, pk.tail_slots, x_TC.index_select(0, pk.tail_tokens))
         halos = self.exchange_halos(tails, plan)
-        # Conv stream [halo_0, seg_0, halo_1, seg_1, ...]: a window never reaches past its own halo.
-        stream = x_TC.new_zeros(plan.local_len + slots, width)
-        stream = stream.index_copy_(0, pk.ext_tokens, x_TC).index_copy_(0, pk.ext_halo, halos)
-        out = kernels.causal_conv1d(stream[None], weight_CK, bias_C, activation="silu")
-        return out[0].index_select(0, pk.ext_tokens)[None]
+        out = kernels.causal_conv1d(xBC_BLC, weight_CK, bias_C, seq_idx=pk.seg_idx, activation="silu")
+        heads = x_TC.index_select(0, pk.head_src)
+        window = torch.cat([halos.view(-1, halo, width), heads.view(-1, halo, width)], dim=1)  # [2S, 2 halo, C]
+        fixed = kernels.causal_conv1d(window, weight_CK, bias_C, activation="silu")[:, halo:]  # [2S, halo, C]
+        out[0].index_copy_(0, pk.head_tokens, fixed.reshape(slots, width).index_select(0, pk.head_slots))
+        return out
 
     def exchange_halos(self, tails: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         """Every rank's segment tails ``[2*S*halo, C]`` -> this rank's halos ``[2*S*halo, C]`` (zeros before
