@@ -666,7 +666,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["efficiency"] = cp1_ms[key] / (cp * timing["ms"]) if timed else None
                 report["results"].append(row)
                 tr = f" transport {transport['total']:.2f} ms" if transport else ""
-                peak = f" peak {timing['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in timing else ""
+                peak = ""
+                if "peak_bytes" in timing:
+                    peak = (
+                        f" peak {timing['peak_bytes'] / 2**30:.2f} GiB (act. {timing['peak_delta_bytes'] / 2**30:.2f})"
+                    )
                 eff = f" eff {row['efficiency']:.3f}" if row["efficiency"] is not None else ""
                 log(
                     f"[bench] L={length} {layout} cp={cp} {impl}: {_fmt_ms(timing['ms'])} ms{tr}{peak}{eff}", flush=True

@@ -368,6 +368,7 @@ def measure_row(
         "nocomm_ms": nocomm["ms"],
         "exposed_comm_ms": timing["ms"] - nocomm["ms"],
         "peak_bytes": timing.get("peak_bytes"),
+        "peak_delta_bytes": timing.get("peak_delta_bytes"),  # the step's own activations and transients
         "categories_ms": mean,  # mean over ranks, per step
         "kernel_sum_ms": sum(mean.values()),
         "per_rank": every,  # each rank's categories, kernel sum and top kernels
@@ -440,7 +441,9 @@ def _log_row(log, layout: str, length: int, row: dict[str, Any]) -> None:
     cats = " ".join(f"{c} {row['categories_ms'][c]:.2f}" for c in CATEGORY_NAMES if row["categories_ms"][c] > 0)
     log(
         f"[profile] L={length} {layout} {row['impl']}: step {row['step_ms']:.2f} ms, no-comm {row['nocomm_ms']:.2f}, "
-        f"exposed comm {row['exposed_comm_ms']:.2f} | {cats} ({row['wall_s']:.1f} s)",
+        f"exposed comm {row['exposed_comm_ms']:.2f} | {cats} ({row['wall_s']:.1f} s)"
+        + (f" | peak {row['peak_bytes'] / 2**30:.2f} GiB" if row.get("peak_bytes") else "")
+        + (f" act. {row['peak_delta_bytes'] / 2**30:.2f}" if row.get("peak_delta_bytes") else ""),
         flush=True,
     )
     for k in row["per_rank"][0]["top"]:
