@@ -78,15 +78,16 @@ class MambaContextParallel:
             self.n_groups_local = n_groups // self.cp_size
         self.local_shape = SSMShape(self.num_heads_local, head_dim, self.n_groups_local, d_state)
         self.releases_projection = True
-        """:meth:`conv_ssd` packs ``xBC`` and ``dt`` into its send buffer and keeps no reference to them, so the
-        mixer copies ``z`` out and the in_proj output is freed after the scatter instead of being held by the
-        norm's saved ``z`` view until backward (at 128K tokens, cp=2 and the NemotronH-8B-like mixer: 1.4 GB of
-        the 2.4 GB in_proj output per layer; the copy of ``z`` writes 1.1 GB)."""
+        """Unfused path: :meth:`conv_ssd` packs ``xBC`` and ``dt`` into its send buffer and keeps no reference to
+        them, so the mixer copies ``z`` out and the in_proj output is freed after the scatter instead of being
+        held by the norm's saved ``z`` view until backward (at 128K tokens, cp=2 and the NemotronH-8B-like
+        mixer: 1.4 GB of the 2.4 GB in_proj output per layer; the copy of ``z`` writes 1.1 GB)."""
         self.fuse_projection = True
         """Run in_proj inside the transport (:mod:`mamba_cp.projection`): its GEMMs write the send buffer and
         the gate ``z`` is computed while ``x|B|C|dt`` travel (and its gradients while theirs travel back).
-        Used when the input and in_proj weight share a dtype, autocast is off and :attr:`transport_chunks` is
-        None; False forces the plain in_proj + :meth:`conv_ssd` path."""
+        Used when in_proj is a plain ``nn.Linear`` that nothing hooks, its weight has the input's dtype, autocast
+        is off and :attr:`transport_chunks` is None (:meth:`fuses_projection`); False forces the plain in_proj +
+        :meth:`conv_ssd` path. On 2x H200 at 64K-128K tokens the fused path is 7% faster (BENCHMARKS.md)."""
         self._projection_layouts: dict[torch.device, ProjectionLayout] = {}
         self.transport_chunks: int | None = None
         """None: the mixer's transport is one all-to-all each way (the measured default). ``k >= 1``: the

@@ -121,7 +121,9 @@ def _conv_bwd_kernel(
     """One program: ``TOKENS_PER_PROGRAM`` tokens x ``BLOCK_C`` channels, in blocks of ``BLOCK_L`` rows.
 
     The statements are ordered so that each shifted ``x`` tile dies as soon as the last pre-activation that
-    reads it is formed (at most five ``x`` tiles live: register pressure, not bandwidth, bounds this kernel).
+    reads it is formed (at most five ``x`` tiles live). Register pressure and 1024-token programs made the first
+    version take 41.9 ms per backward of ``[1, 128K, 10240]`` bf16 on an H200; this one takes 9.7 ms, still
+    about 5x the time its ~8 GB of traffic needs.
     ``ACC_2D`` keeps the weight/bias sums as ``[BLOCK_L, BLOCK_C]`` tiles reduced once at the end instead
     of five cross-row reductions per block.
     """
