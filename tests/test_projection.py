@@ -90,3 +90,42 @@ def _fused_vs_plain_worker(rank, world, groups, packed, bias):
 def test_fused_projection_equals_linear_plus_transport(world, groups, packed, bias):
     for worst in run_on_ranks(_fused_vs_plain_worker, world, groups, packed, bias):
         assert worst < 1e-13
+
+
+def _frozen_worker(rank, world, frozen):
+    """With the weight frozen (or the input needing no gradient) the other gradients are unchanged and the
+    frozen ones are None: the backward's skipped branches skip nothing they should compute."""
+    torch.manual_seed(0)
+    heads, p, groups, n, hidden = 4, 2, 2, 3, 5
+    width = 2 * heads * p + 2 * groups * n + heads
+    lin = torch.nn.Linear(hidden, width, dtype=torch.float64)
+    dist.broadcast(lin.weight.data, 0)
+    dist.broadcast(lin.bias.data, 0)
+    plan = build_token_plan(world, 2, 4)
+    layout = projection_layout(heads, p, groups, n, world, torch.device("cpu"))
+    h = torch.randn(8, hidden, dtype=torch.float64)
+
+    def grads(frozen_now: str | None):
+        tensors = (h, lin.weight, lin.bias)
+        for t in tensors:
+            t.grad = None
+        h.requires_grad_(frozen_now != "input")
+        lin.weight.requires_grad_(frozen_now != "weight")
+        lin.bias.requires_grad_(frozen_now != "weight")
+        z, heads_in = project_scatter(h, lin.weight, lin.bias, layout, plan, dist.group.WORLD)
+        y, z = gather_gate(heads_in[..., :4].sin(), z, h, lin.weight, lin.bias, layout, plan, dist.group.WORLD)
+        (y.sin().sum() + z.cos().sum()).backward()
+        return [t.grad for t in tensors]
+
+    full = grads(None)
+    partial = grads(frozen)
+    return [None if g is None else (g - f).abs().max().item() for g, f in zip(partial, full, strict=True)]
+
+
+@pytest.mark.parametrize("frozen", ["weight", "input"])
+def test_fused_projection_with_frozen_weight_or_input(frozen):
+    for diffs in run_on_ranks(_frozen_worker, 2, frozen):
+        if frozen == "weight":
+            assert diffs[0] == 0.0 and diffs[1:] == [None, None]
+        else:
+            assert diffs[0] is None and diffs[1:] == [0.0, 0.0]
