@@ -129,6 +129,8 @@ class ProjectScatter(torch.autograd.Function):
         dweight = weight.new_zeros(weight.shape) if need_w else None
         dbias = weight.new_zeros(weight.shape[0]) if need_b and ctx.has_bias else None
         pending.wait()
+        # Gathered again rather than saved from the forward: one weight-sized copy per layer's backward instead
+        # of holding it for every layer between forward and backward.
         w_send = weight.index_select(0, layout.send_rows).view(cp, wl, -1)
         if need_h:
             for j in range(cp):
