@@ -589,7 +589,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategies", default="all", help="comma-separated names from STRATEGIES, or 'all'")
     p.add_argument("--no-nemo", action="store_true", help="skip NeMo AutoModel's module")
     p.add_argument("--no-cp1", action="store_true", help="skip the cp=1 baseline")
-    p.add_argument("--pipelined", default="", help="also run hidden-parallel with its transport in K chunks (K,K2,..)")
     p.add_argument(
         "--unfused", action="store_true", help="also run hidden-parallel with fuse_projection=False (plain in_proj)"
     )
@@ -683,24 +682,18 @@ def main(argv: list[str] | None = None) -> int:
                 del ref, step
                 _free(device)
             if world > 1:
-                # (strategy, transport_chunks, fuse_projection); the extra hidden-parallel variants follow it.
-                variants = [(name, None, True) for name in strategies]
+                # (strategy, fuse_projection); the unfused hidden-parallel variant follows the fused one.
+                variants = [(name, True) for name in strategies]
                 if args.transport_only:
                     variants = [v for v in variants if v[0] == "hidden"]
-                if "hidden" in strategies:
-                    extra = [("hidden", None, False)] if args.unfused else []
-                    extra += [("hidden", int(k), True) for k in args.pipelined.split(",") if k]
-                    at = variants.index(("hidden", None, True)) + 1
-                    variants[at:at] = extra
-                for name, chunks, fused in variants:
-                    m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name)
-                    if chunks is not None:
-                        m.context_parallel.transport_chunks = chunks
-                    if not fused:
-                        m.context_parallel.fuse_projection = False
+                if "hidden" in strategies and args.unfused:
+                    at = variants.index(("hidden", True)) + 1
+                    variants[at:at] = [("hidden", False)]
+                for name, fused in variants:
+                    m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name, fuse_projection=fused)
                     transport = None
                     if name == "hidden":
-                        parts = transport_parts("ours", m.context_parallel, m, case)
+                        parts = transport_parts("ours", m.strategy, m, case)
                         transport = time_parts(parts, clock, warmup, iters, device)
                     step = (
                         _chain(parts.values())
@@ -709,8 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     timing = {"ms": None} if args.transport_only else time_step(step, clock, warmup, iters, device)
                     offrank, calls = count_bytes(step, world)
-                    label = f"ours:{name}" + (f"[pipelined x{chunks}]" if chunks is not None else "")
-                    label += "" if fused else "[unfused]"
+                    label = f"ours:{name}" + ("" if fused else "[unfused]")
                     record(label, world, timing, _max_over_ranks(offrank, device), transport, calls)
                     del m, step
                     _free(device)

@@ -188,7 +188,7 @@ class NoComm:
     """Replaces every collective of :data:`COLLECTIVES` by a local stand-in of the same shapes, while active.
 
     A module that calls ``dist.all_to_all_single(...)`` looks the name up on ``torch.distributed`` at each call;
-    one that bound the function at import (``state_passing._all_gather_single = dist.all_gather_single``) holds
+    one that bound the function at import (``collectives._all_gather_single = dist.all_gather_single``) holds
     the function object itself. So the stand-ins go into ``torch.distributed``, ``distributed_c10d`` and every
     given namespace (the ``mamba_cp.*`` modules, NeMo's module), under every name that holds an original
     (found by identity, so any alias is reached). The sites are found once (:meth:`__init__`); entering and

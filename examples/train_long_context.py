@@ -185,9 +185,7 @@ def worker(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[float], lis
         dist.barrier()
         if rank != 0:
             return None
-        ref_losses = train(
-            mamba_cp.parallelize(reference, None), TrainConfig(**{**cfg_dict, "fsdp": False}), None, device
-        )
+        ref_losses = train(mamba_cp.parallelize(reference, 1), TrainConfig(**{**cfg_dict, "fsdp": False}), None, device)
     return cp_losses, ref_losses
 
 

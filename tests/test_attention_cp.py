@@ -135,6 +135,12 @@ def test_mask_cache_builds_once_per_batch():
     assert masks.get(build_token_plan(1, 1, 8, torch.tensor([0, 4, 8])), "bool") is not first  # a new batch
     kw = masks.get(plan, "varlen")
     assert kw["max_length_q"] == 4 and kw["cu_seq_lens_q"].dtype == torch.int32
+    builds = masks.builds
+    document = masks.get(plan, "document-blocks", block_size=4)  # the O(T) packed mask (FlexAttention's tiles)
+    assert masks.get(plan, "document-blocks", block_size=4) is document and masks.builds == builds + 1
+    assert masks.get(plan, "document-blocks", block_size=2) is not document  # another tile size: another mask
+    with pytest.raises(ValueError, match=r"mask kind must be one of .*got 'sparse'"):
+        masks.get(plan, "sparse")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +187,7 @@ def hybrid_worker(rank: int, world: int) -> dict:
     group = dist.group.WORLD
     with KeepFloat64():  # eager attention's softmax is float32 in transformers; keep it float64
         model = transformers.NemotronHForCausalLM(config).double()
-        reference = mamba_cp.parallelize(copy.deepcopy(model), None)
+        reference = mamba_cp.parallelize(copy.deepcopy(model), 1)
         mamba_cp.parallelize(model, group)
         ids = torch.randint(0, 64, (1, 16 * world), generator=torch.Generator().manual_seed(0))
         cu = torch.tensor([0, 4 * world, 16 * world])
@@ -204,7 +210,7 @@ def hybrid_worker(rank: int, world: int) -> dict:
     return {
         "forward": forward,
         "backward": rec.all_to_alls,
-        "plans": attention.ulysses.plans.builds,
+        "plans": attention.ulysses.plans.builds["token"],
         "masks": attention.masks.builds,
         "logits": float((logits.detach() - ref_local).abs().max() / ref_local.abs().max()),
         "grads": max(grads),

@@ -47,7 +47,8 @@ def test_debug_mode_names_disagreeing_shapes():
 def test_debug_mode_passes_agreeing_ranks_and_is_off_by_default(monkeypatch):
     assert run_on_ranks(_debug_worker, 2, "agree", timeout=30) == ["no error", "no error"]
     monkeypatch.delenv("MAMBA_CP_DEBUG", raising=False)
-    assert Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2).batch_check is None
+    model = mamba_cp.parallelize(Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2), 1)
+    assert not getattr(model.strategy, "debug", False)
 
 
 def test_debug_mode_from_environment(monkeypatch):

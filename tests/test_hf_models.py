@@ -127,7 +127,7 @@ def _case(name: str, layout: str, variant: str, rank: int, world: int) -> dict[s
     strategy, *options = variant.split("-")
     model = build(name)
     plain_state = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = mamba_cp.parallelize(copy.deepcopy(model), None)  # same math without CP
+    reference = mamba_cp.parallelize(copy.deepcopy(model), 1)  # same math without CP
     cp_model = mamba_cp.parallelize(model, group, strategy=strategy)
     if "ckpt" in options:  # layers re-run their forward during backward: inside the batch context
         # KeepFloat64 is a thread-local mode that the recompute would not see: pass it along.
@@ -213,7 +213,7 @@ def test_matches_transformers_own_forward(name):
     rounding level, and in transformers' native precision (float32 islands) to float32 rounding."""
     model = build(name)
     hf = copy.deepcopy(model)
-    mamba_cp.parallelize(model, None)
+    mamba_cp.parallelize(model, 1)
     ids, _ = batch("bshd", 2)
     with KeepFloat64():
         ours, theirs = model(input_ids=ids).logits, hf(input_ids=ids, use_cache=False).logits
@@ -232,19 +232,19 @@ def test_conversion_keeps_modules_parameters_and_classes():
     model = build("nemotron_h")
     mixer = model.model.layers[0].mixer
     params = dict(model.named_parameters())
-    mamba_cp.parallelize(model, None)
+    mamba_cp.parallelize(model, 1)
     assert model.model.layers[0].mixer is mixer  # the same object: the class is swapped in place
     assert isinstance(mixer, mamba_cp.Mamba2Mixer)
     assert isinstance(mixer, transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer)
     assert all(p is params[n] for n, p in model.named_parameters())
     assert [n for n, _ in mamba_cp.find_mixers(model)] == ["model.layers.0.mixer", "model.layers.3.mixer"]
-    mamba_cp.parallelize(model, None)  # idempotent
+    mamba_cp.parallelize(model, 1)  # idempotent
     assert all(p is params[n] for n, p in model.named_parameters())
 
 
 def test_checkpoint_round_trip(tmp_path: Path):
     """save_pretrained from a parallelized model loads into a plain transformers model with identical weights."""
-    model = mamba_cp.parallelize(build("nemotron_h"), None)
+    model = mamba_cp.parallelize(build("nemotron_h"), 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
@@ -262,7 +262,7 @@ def test_config_object_is_not_shared_after_parallelize():
     config = build("nemotron_h").config
     torch.manual_seed(0)
     a, b = transformers.NemotronHForCausalLM(config), transformers.NemotronHForCausalLM(config)
-    mamba_cp.parallelize(a, None)
+    mamba_cp.parallelize(a, 1)
     assert a.config._attn_implementation == "mamba_cp"
     assert b.config._attn_implementation == "sdpa" and config._attn_implementation == "sdpa"
 
@@ -326,7 +326,7 @@ def test_padding_and_generation_cache_are_refused():
 def test_padding_free_mask_is_accepted_and_cache_still_works_without_cp():
     model = build("nemotron_h")
     hf = copy.deepcopy(model)
-    mamba_cp.parallelize(model, None)
+    mamba_cp.parallelize(model, 1)
     ids = torch.randint(3, VOCAB, (1, 8))  # no pad token (0): generate would mask it
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # all ones: dropped
     assert torch.allclose(out, hf(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-6)

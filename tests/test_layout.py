@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from mamba_cp import hidden_parallel as spec
 from mamba_cp import layout
 from mamba_cp.layout import build_token_plan, head_tail_positions, packed_head_tail_positions
+from mamba_cp.plan_cache import PlanCache
 
 
 def explicit_head_tail(seq_len: int, cp: int) -> list[list[int]]:
@@ -55,8 +57,8 @@ def test_spec_pipeline_restores_true_order_bshd(cp):
     seq_len, batch = 8 * cp, 3
     x = torch.randn(batch, seq_len, 5, dtype=torch.float64)
     rank_major = torch.cat([x[:, head_tail_positions(seq_len, cp)[r]] for r in range(cp)], dim=1)
-    assert torch.equal(layout._undo_attention_load_balancing(rank_major, cp), x)
-    assert torch.equal(layout._redo_attention_load_balancing(x, cp), rank_major)
+    assert torch.equal(spec._undo_attention_load_balancing(rank_major, cp), x)
+    assert torch.equal(spec._redo_attention_load_balancing(x, cp), rank_major)
 
 
 @pytest.mark.parametrize("cp,seqlens", [(2, [8, 4, 12]), (4, [16, 8, 32])])
@@ -67,10 +69,10 @@ def test_spec_pipeline_restores_true_order_packed(cp, seqlens):
     x = torch.randn(total, 3, dtype=torch.float64)
     positions = packed_head_tail_positions(cu, cp)
     rank_major = torch.cat([x[positions[r]] for r in range(cp)])
-    seq_major = layout._deinterleave_packed_seqs(rank_major, cu // cp, cp)
-    restored = layout._undo_attention_load_balancing(seq_major, cp, cu)
+    seq_major = spec._deinterleave_packed_seqs(rank_major, cu // cp, cp)
+    restored = spec._undo_attention_load_balancing(seq_major, cp, cu)
     assert torch.equal(restored, x)
-    back = layout._reinterleave_packed_seqs(layout._redo_attention_load_balancing(x, cp, cu), cu // cp, cp)
+    back = spec._reinterleave_packed_seqs(spec._redo_attention_load_balancing(x, cp, cu), cu // cp, cp)
     assert torch.equal(back, rank_major)
 
 
@@ -115,19 +117,19 @@ def test_token_plan_seq_idx_for_packed_batches():
 
 
 def test_plan_cache_builds_once_per_batch():
-    cache = layout.TokenPlanCache()
+    cache = PlanCache()
     cu = torch.tensor([0, 8, 12])
-    first = cache.get(2, 1, 6, cu, torch.device("cpu"))
+    first = layout.token_plan(cache, 2, 1, 6, cu, torch.device("cpu"))
     for _ in range(5):  # every layer of the step
-        assert cache.get(2, 1, 6, cu, torch.device("cpu")) is first
-    assert cache.builds == 1
+        assert layout.token_plan(cache, 2, 1, 6, cu, torch.device("cpu")) is first
+    assert cache.builds == {"token": 1}
     cu_next = torch.tensor([0, 4, 12])  # the next batch: same shape, new boundaries
-    assert cache.get(2, 1, 6, cu_next, torch.device("cpu")) is not first
-    cu_next[1] = 8  # modified in place: the version counter forces a rebuild
-    rebuilt = cache.get(2, 1, 6, cu_next, torch.device("cpu"))
-    assert cache.builds == 3 and rebuilt.seq_idx.tolist() == [[0] * 8 + [1] * 4]
-    bshd = cache.get(2, 2, 8, None, torch.device("cpu"))
-    assert cache.get(2, 2, 8, None, torch.device("cpu")) is bshd
+    assert layout.token_plan(cache, 2, 1, 6, cu_next, torch.device("cpu")) is not first
+    cu_next[1] = 8  # modified in place: the values on the host key the plan
+    rebuilt = layout.token_plan(cache, 2, 1, 6, cu_next, torch.device("cpu"))
+    assert cache.builds == {"token": 2} and rebuilt is first and rebuilt.seq_idx.tolist() == [[0] * 8 + [1] * 4]
+    bshd = layout.token_plan(cache, 2, 2, 8, None, torch.device("cpu"))
+    assert layout.token_plan(cache, 2, 2, 8, None, torch.device("cpu")) is bshd
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bshd", "thd"])

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mamba_cp import MambaContextParallel
+from mamba_cp.strategies import HeadShard
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.parity import ParityCase, case_dict, parity_worker, worst_relative
 
@@ -109,12 +109,12 @@ def test_parity_property(seed):
 
 def _wrong_slice_worker(rank, world, case):
     """Parity with a planted bug (every rank uses rank 0's A_log): the harness must see it."""
-    original = MambaContextParallel.get_A_log
-    MambaContextParallel.get_A_log = lambda self, A_log=None: self._mixer.A_log[: self.num_heads_local]
+    original = HeadShard.slice_vector
+    HeadShard.slice_vector = lambda self, param: param[: self.num_heads_local]
     try:
         return parity_worker(rank, world, case)
     finally:
-        MambaContextParallel.get_A_log = original
+        HeadShard.slice_vector = original
 
 
 def test_harness_detects_a_wrong_parameter_slice():

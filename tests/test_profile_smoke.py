@@ -32,12 +32,11 @@ def _profile_worker(rank: int, world_size: int, out: str, rows: str) -> dict:
 
 
 def _async_no_comm(rank: int, world_size: int) -> dict:
-    """The pipelined transport (``async_op=True`` all-to-alls, ``.wait()``) under the stand-ins: no real
+    """The fused hidden-parallel path (``async_op=True`` all-to-alls, ``.wait()``) under the stand-ins: no real
     collective, and the stand-ins' gather / scatter slices are this rank's."""
     torch.manual_seed(0)
     base = bench_mixer.Mamba2Mixer(**bench_mixer.MODELS["tiny"], dtype=torch.float32)
     m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy="hidden")
-    m.context_parallel.transport_chunks = 2
     x = torch.randn(1, 32, base.hidden_size)
     patch = profile_mixer.NoComm()
 
@@ -89,7 +88,7 @@ def test_profile_cpu_smoke(tmp_path):
         assert any("gather" in name for name in sp["standin_calls"])
     hidden = next(r for r in report["sections"][0]["rows"] if r["impl"] == "ours:hidden")
     assert hidden["collectives"] == {"alltoall_base_": 4} and hidden["standin_calls"] == {"all_to_all_single": 4}
-    assert any(p.startswith("mamba_cp.state_passing.") for p in hidden["patched"])  # names bound at import
+    assert any(p.startswith("mamba_cp.collectives.") for p in hidden["patched"])  # names bound at import
     text = (tmp_path / "profile_mixer_smoke.md").read_text()
     assert text.startswith("# profile_mixer") and "## THD, L = 64" in text and "exposed comm ms" in text
 

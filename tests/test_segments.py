@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mamba_cp.layout import head_tail_positions, packed_head_tail_positions
-from mamba_cp.segments import SegmentPlanCache, SlotLayout, build_segment_plan, choose_slot_width
+from mamba_cp.plan_cache import PlanCache
+from mamba_cp.segments import SlotLayout, build_segment_plan, choose_slot_width, segment_plan
 
 PACKED = [
     pytest.param(2, [4, 40, 12, 8], id="cp2_short_and_long_seqs"),
@@ -188,16 +189,16 @@ def test_plan_errors_are_value_errors() -> None:
 
 
 def test_cache_builds_once_per_batch() -> None:
-    cache = SegmentPlanCache()
+    cache = PlanCache()
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
     kw = {"halo": 3, "block_size": 4, "device": torch.device("cpu")}
-    first = cache.get(2, 0, 1, 8, cu, **kw)
-    assert cache.get(2, 0, 1, 8, cu, **kw) is first and cache.builds == 1
-    assert cache.get(2, 0, 1, 8, cu.clone(), **kw) is not first and cache.builds == 2  # a new batch
+    first = segment_plan(cache, 2, 0, 1, 8, cu, **kw)
+    assert segment_plan(cache, 2, 0, 1, 8, cu, **kw) is first and cache.builds["segment"] == 1
+    assert segment_plan(cache, 2, 0, 1, 8, cu.clone(), **kw) is first  # same values on the CPU: same batch
     cu[1] = 4  # modified in place: a new plan
-    assert cache.get(2, 0, 1, 8, cu, **kw).packed.seg_first.tolist() != first.packed.seg_first.tolist()
-    assert cache.get(2, 0, 2, 8, None, **kw) is cache.get(2, 0, 2, 8, None, **kw)
-    assert cache.get(2, 0, 2, 8, None, halo=1, block_size=4, device=torch.device("cpu")).halo == 1
+    assert segment_plan(cache, 2, 0, 1, 8, cu, **kw).packed.seg_first.tolist() != first.packed.seg_first.tolist()
+    assert segment_plan(cache, 2, 0, 2, 8, None, **kw) is segment_plan(cache, 2, 0, 2, 8, None, **kw)
+    assert segment_plan(cache, 2, 0, 2, 8, None, halo=1, block_size=4, device=torch.device("cpu")).halo == 1
 
 
 @pytest.mark.parametrize("seqlens", [[4, 40, 12, 8], [16, 32]], ids=["pad_slots", "no_pad_slots"])

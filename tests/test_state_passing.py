@@ -23,13 +23,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import mamba_cp
-from mamba_cp import Mamba2Mixer, state_passing
+from mamba_cp import Mamba2Mixer
 from mamba_cp.groups import CPGroup
 from mamba_cp.kernels.ssd_reference import process_dt, ssd_chunk_scan_ref
 from mamba_cp.parallelize import auto_strategy
-from mamba_cp.segments import SegmentPlanCache, build_segment_plan
+from mamba_cp.plan_cache import PlanCache
+from mamba_cp.segments import build_segment_plan
 from mamba_cp.ssm_block import SSMShape
-from mamba_cp.state_passing import SegmentStates, StateCorrection, StatePassingContextParallel
+from mamba_cp.strategies import state_passing
+from mamba_cp.strategies.state_passing import SegmentStates, StateCorrection, StatePassing
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
@@ -93,7 +95,7 @@ def _cp1_errors(case: ParityCase, seqlens: list[int] | None) -> dict[str, float]
     relative error of the output and of every gradient against the plain mixer."""
     ref = build_mixer(case, torch.device("cpu"))
     mixer = copy.deepcopy(ref)
-    mixer.context_parallel = StatePassingContextParallel(CPGroup(None, 1, 0), mixer, SegmentPlanCache())
+    mixer.strategy = StatePassing(CPGroup(None, 1, 0), mixer.ssm_config, PlanCache())
     gen = torch.Generator().manual_seed(1)
     cu = None if seqlens is None else torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()])
     shape = (case.batch, case.seqlen, case.hidden_size) if cu is None else (sum(seqlens), case.hidden_size)
@@ -303,8 +305,8 @@ def test_planted_bugs_are_caught(layout: str, bug: str, monkeypatch) -> None:
     fails the float64 parity check by orders of magnitude."""
     case, seqlens = CP1[0 if layout == "bshd" else 2].values
     if bug == "h_in":
-        real = StatePassingContextParallel.incoming_states
-        monkeypatch.setattr(StatePassingContextParallel, "incoming_states", lambda self, *a: real(self, *a) + 1e-6)
+        real = StatePassing.incoming_states
+        monkeypatch.setattr(StatePassing, "incoming_states", lambda self, *a: real(self, *a) + 1e-6)
     else:  # the backward without its gradient for the decay weights / scales
         fn = SegmentStates if bug == "states_backward_dw" else StateCorrection
         real_bwd, keep = fn.backward, 2 if fn is SegmentStates else 3
@@ -415,12 +417,12 @@ def _hot_path_worker(rank: int, world: int) -> dict:
             y = model(x, cu)
         with OpRecorder() as backward:
             y.sum().backward()
-        caches = {id(layer.context_parallel.plans) for layer in model.layers}
+        caches = {id(layer.strategy.plans) for layer in model.layers}
         out[layout] = {
             "forward": dict(forward.collectives),
             "backward": dict(backward.collectives),
             "host_syncs": forward.host_syncs + backward.host_syncs,
-            "plan_builds": model.layers[0].context_parallel.plans.builds,
+            "plan_builds": model.layers[0].strategy.plans.builds["segment"],
             "shared_caches": len(caches),
             "forward_bytes": forward.sent,
             "repr": repr(model.layers[0]),
@@ -443,7 +445,7 @@ def test_collectives_and_no_host_sync(layout: str) -> None:
         assert stats["backward"] == {"c10d._reduce_scatter_base_": 2 * LAYERS}
         assert stats["host_syncs"] == 0
         assert stats["plan_builds"] == 1 and stats["shared_caches"] == 1  # one plan per batch for all layers
-        assert "StatePassingContextParallel(cp_size=2" in stats["repr"]
+        assert "StatePassing(cp_size=2" in stats["repr"]
 
 
 def test_measured_bytes_match_traffic_model() -> None:
@@ -459,9 +461,9 @@ def test_measured_bytes_match_traffic_model() -> None:
 NEMOTRON = SSMShape(num_heads=128, head_dim=64, n_groups=8, d_state=128)
 """NemotronH-8B-like mixer (d_model 4096, d_conv 4) at L = 128K, bf16, B = 1; summaries in float32."""
 NEMOTRON_OFF_RANK = {  # cp: (state passing, hidden-parallel) bytes one rank sends per layer forward
-    2: (8_512_512, 1_216_348_160),
-    4: (25_537_536, 912_261_120),
-    8: (59_587_584, 532_152_320),
+    2: (8_512_532, 1_216_348_160),
+    4: (25_537_596, 912_261_120),
+    8: (59_587_724, 532_152_320),
 }
 
 
@@ -471,7 +473,8 @@ def test_nemotron_bytes_per_layer(cp: int) -> None:
     hidden = hidden_parallel_bytes(NEMOTRON, 128 * 1024, cp)["off_rank"]
     assert (state, hidden) == NEMOTRON_OFF_RANK[cp]
     # By hand: halos 2 x 3 tokens x 10240 channels in bf16, summaries 2 x (128*64*128 + 128) in float32.
-    assert state == (cp - 1) * (2 * 3 * 10240 * 2 + 2 * (128 * 64 * 128 + 128) * 4)
+    # + the 5-number batch fingerprint in float32.
+    assert state == (cp - 1) * (2 * 3 * 10240 * 2 + (2 * (128 * 64 * 128 + 128) + 5) * 4)
     assert state_passing_bytes(NEMOTRON, 131072, 1)["off_rank"] == 0
     assert hidden / state > 8  # 143x at cp=2, 36x at cp=4, 8.9x at cp=8
 
@@ -509,8 +512,8 @@ def _auto_worker(rank: int, world: int) -> list[str]:
 
 def test_auto_picks_per_mixer_and_repr_says_so() -> None:
     wide, narrow = run_on_ranks(_auto_worker, 2)[1]
-    assert "context_parallel=MambaContextParallel(cp_size=2, cp_rank=1" in wide
-    assert "context_parallel=StatePassingContextParallel(cp_size=2, cp_rank=1" in narrow
+    assert "strategy=HiddenParallel(cp_size=2, cp_rank=1" in wide
+    assert "strategy=StatePassing(cp_size=2, cp_rank=1" in narrow
 
 
 def test_unknown_strategy_lists_auto() -> None:

@@ -2,48 +2,45 @@
 
 ``parallelize(model, cp_group)`` makes every :class:`Mamba2Mixer` in a model context-parallel (transformers'
 Mamba2 models and Mamba2 / attention hybrids too, attention layers included; :func:`batch_context` carries a
-packed batch's ``cu_seqlens`` to every layer);
-:mod:`mamba_cp.sharding` cuts batches into the head-tail layout; :class:`MambaContextParallel` and the
-transport / layout functions are NeMo AutoModel's ``mamba_cp`` API (the underscore names too).
+packed batch's ``cu_seqlens`` to every layer); :mod:`mamba_cp.sharding` cuts batches into the head-tail layout;
+:mod:`mamba_cp.hidden_parallel` is NeMo AutoModel's ``mamba_cp`` module (``MambaContextParallel`` and the
+transport / layout functions, the underscore names too), also re-exported here.
 """
 
 from .attention import UlyssesAttention
 from .context import BatchContext, batch_context, current_batch
 from .gradients import all_reduce_gradients
 from .groups import CPGroup, resolve_cp_group
-from .hidden_parallel import MambaContextParallel
-from .layout import (
-    TokenPlan,
-    TokenPlanCache,
+from .hidden_parallel import (
+    AllToAll,
+    MambaContextParallel,
+    _all_to_all,
+    _all_to_all_cp2hp,
+    _all_to_all_hp2cp,
+    _AllToAll,
     _deinterleave_packed_seqs,
     _redo_attention_load_balancing,
     _reinterleave_packed_seqs,
     _reorder_chunks,
     _undo_attention_load_balancing,
-    build_token_plan,
+    all_to_all,
+    all_to_all_cp2hp,
+    all_to_all_hp2cp,
     deinterleave_packed_seqs,
     redo_attention_load_balancing,
     reinterleave_packed_seqs,
     reorder_chunks,
     undo_attention_load_balancing,
 )
+from .layout import TokenPlan, build_token_plan
 from .mixer import GatedRMSNorm, Mamba2Mixer
 from .parallelize import auto_strategy, find_mixers, parallelize
-from .segments import SegmentPlan, SegmentPlanCache, build_segment_plan
+from .plan_cache import PlanCache
+from .segments import SegmentPlan, build_segment_plan
 from .sharding import gather_sequence, shard, unshard
-from .state_passing import StatePassingContextParallel
-from .transport import (
-    AllToAll,
-    _all_to_all,
-    _all_to_all_cp2hp,
-    _all_to_all_hp2cp,
-    _AllToAll,
-    all_to_all,
-    all_to_all_cp2hp,
-    all_to_all_hp2cp,
-    heads_to_seq,
-    seq_to_heads,
-)
+from .strategies import HiddenParallel, LocalStrategy, StatePassing, Strategy
+from .transport import heads_to_seq, seq_to_heads
+from .validation import ConfigError
 
 __version__ = "0.1.0"
 
@@ -51,14 +48,17 @@ __all__ = [
     "AllToAll",
     "BatchContext",
     "CPGroup",
+    "ConfigError",
     "GatedRMSNorm",
+    "HiddenParallel",
+    "LocalStrategy",
     "Mamba2Mixer",
     "MambaContextParallel",
+    "PlanCache",
     "SegmentPlan",
-    "SegmentPlanCache",
-    "StatePassingContextParallel",
+    "StatePassing",
+    "Strategy",
     "TokenPlan",
-    "TokenPlanCache",
     "UlyssesAttention",
     "all_reduce_gradients",
     "all_to_all",

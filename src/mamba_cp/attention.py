@@ -6,21 +6,27 @@ and ``H_kv_local = max(H_kv / cp, 1)`` are one rank's share.
 
 Each rank holds ``L_local`` tokens of every sequence (the head-tail layout) for all heads. One all-to-all
 (:func:`~mamba_cp.transport.seq_to_heads`, the same one the Mamba mixers use) turns ``q | k | v`` into whole
-sequences, in true token order, for ``H / cp`` heads; the model's own attention function runs on them with a
-causal mask over true positions (block-diagonal per packed sequence, so sequences never see each other); one
-all-to-all (:func:`~mamba_cp.transport.heads_to_seq`) brings the output back. When ``H_kv < cp`` each key/value
-head is repeated ``cp / H_kv`` times before the exchange so that every rank receives the head its queries
-read. The reorders are the batch's :class:`~mamba_cp.layout.TokenPlan`, shared with the Mamba layers.
+sequences, in true token order, for ``H / cp`` heads; attention runs on them, causal over true positions and,
+for packed batches, inside each sequence only (sequences never see each other); one all-to-all
+(:func:`~mamba_cp.transport.heads_to_seq`) brings the output back. When ``H_kv < cp`` each key/value head is
+repeated ``cp / H_kv`` times before the exchange so that every rank receives the head its queries read. The
+reorders are the batch's :class:`~mamba_cp.layout.TokenPlan`, shared with the Mamba layers.
 
-Masks are built from the plan once per batch (:class:`MaskCache`) and reused by every attention layer.
+Masks are built from the plan once per batch (:class:`MaskCache`) and reused by every attention layer. Packed
+batches get a :class:`~mamba_cp.document_attention.DocumentMask`: FlexAttention's block-sparse layout of the
+document-causal mask (int32 tile lists, ``[T / block]`` rows; never a ``T x T`` tensor), run by FlexAttention on
+GPU and by the same tile schedule in torch ops on CPU. The dense ``[1, 1, L, L]`` masks (:func:`causal_mask`)
+remain for BSHD eager attention and for callers that ask for them (O(L^2) memory).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .document_attention import DEFAULT_BLOCK_SIZE, document_mask
 from .groups import resolve_cp_group
-from .layout import TokenPlan, TokenPlanCache
+from .layout import TokenPlan, token_plan
+from .plan_cache import PlanCache
 from .transport import heads_to_seq, seq_to_heads
 from .validation import check_divisible
 
@@ -38,14 +44,14 @@ class UlyssesAttention:
     ``cp % H_kv == 0``.
     """
 
-    def __init__(self, cp_group, num_heads: int, num_kv_heads: int, plan_cache: TokenPlanCache | None = None) -> None:
+    def __init__(self, cp_group, num_heads: int, num_kv_heads: int, plan_cache: PlanCache | None = None) -> None:
         group = resolve_cp_group(cp_group)
         self.cp_group = group.group
         self.cp_size = group.size
         self.cp_rank = group.rank
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.plans = plan_cache if plan_cache is not None else TokenPlanCache()
+        self.plans = plan_cache if plan_cache is not None else PlanCache()
         check_divisible(num_heads, num_kv_heads, "attention num_heads", "num_key_value_heads")
         check_divisible(num_heads, self.cp_size, "attention num_heads", "cp_size")
         if num_kv_heads >= self.cp_size:
@@ -67,7 +73,7 @@ class UlyssesAttention:
         """The (cached, validated) plan of a batch whose rows hold ``local_len`` tokens on this rank."""
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        return self.plans.get(self.cp_size, batch, local_len, cu_seqlens, device)
+        return token_plan(self.plans, self.cp_size, batch, local_len, cu_seqlens, device)
 
     def _columns(self, t_BHLd: torch.Tensor, repeat: int) -> torch.Tensor:
         """``[B, heads, L_local, d]`` -> ``[B, L_local, cp, heads*repeat/cp * d]`` (slot r goes to rank r)."""
@@ -158,9 +164,16 @@ def varlen_kwargs(plan: TokenPlan) -> dict:
 class MaskCache:
     """Masks of recent batches, keyed on the plan object (the plan cache hands every layer the same one).
 
-    ``get(plan, kind, dtype, device)`` with ``kind`` ``"bool"`` (``[1, 1, L, L]`` bool), ``"additive"``
-    (``[1, 1, L, L]`` of ``dtype``) or ``"varlen"`` (flash-attention kwargs, packed plans only).
+    ``get(plan, kind, dtype, device, block_size=128)`` with ``kind``:
+
+    * ``"document"``: the :class:`~mamba_cp.document_attention.DocumentMask` for FlexAttention's kernel
+      (``BlockMask`` included), ``"document-blocks"``: the same tiles for the torch-ops schedule
+      (:func:`~mamba_cp.document_attention.block_sparse_attention`); packed or BSHD plans, ``block_size`` tiles;
+    * ``"bool"`` (``[1, 1, L, L]`` bool), ``"additive"`` (``[1, 1, L, L]`` of ``dtype``): dense, O(L^2);
+    * ``"varlen"``: flash-attention kwargs (packed plans only).
     """
+
+    KINDS = ("document", "document-blocks", "bool", "additive", "varlen")
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = capacity
@@ -168,19 +181,30 @@ class MaskCache:
         self.builds = 0
         """Number of masks built (tests use it to prove per-batch reuse)."""
 
-    def get(self, plan: TokenPlan, kind: str, dtype: torch.dtype | None = None, device=None):
-        key = (kind, dtype, str(device))
+    def get(
+        self,
+        plan: TokenPlan,
+        kind: str,
+        dtype: torch.dtype | None = None,
+        device=None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        if kind not in self.KINDS:
+            raise ValueError(f"mask kind must be one of {self.KINDS}, got {kind!r}")
+        key = (kind, dtype, str(device), block_size if kind.startswith("document") else None)
         for entry_plan, entry_key, value in self._entries:
             if entry_plan is plan and entry_key == key:
                 return value
-        if kind == "bool":
+        if kind == "document":
+            value = document_mask(plan, device, block_size, backend="flex")
+        elif kind == "document-blocks":
+            value = document_mask(plan, device, block_size, backend="blocks")
+        elif kind == "bool":
             value = causal_mask(plan, device)
         elif kind == "additive":
             value = additive_mask(causal_mask(plan, device), dtype)
-        elif kind == "varlen":
-            value = varlen_kwargs(plan)
         else:
-            raise ValueError(f"mask kind must be 'bool', 'additive' or 'varlen', got {kind!r}")
+            value = varlen_kwargs(plan)
         self.builds += 1
         self._entries.insert(0, (plan, key, value))
         del self._entries[self.capacity :]

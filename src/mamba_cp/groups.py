@@ -17,21 +17,66 @@ class CPGroup:
     """A context-parallel process group with its size and this process's rank inside it."""
 
     group: dist.ProcessGroup | None
-    """The process group the collectives run on (None only when ``size == 1`` and no group exists)."""
+    """The process group the collectives run on (None only when ``size == 1`` and no group exists; a stand-in
+    object with only ``size()`` and ``rank()`` when one was given)."""
     size: int
     """Number of ranks the sequence is sharded over."""
     rank: int
     """This process's rank inside ``group`` (0 ≤ rank < size)."""
 
+    def __deepcopy__(self, memo: dict) -> CPGroup:
+        # A process group is a live connection, not data: a copy of a model (an EMA copy, say) runs on the same
+        # ranks, so it shares the group.
+        return self
+
+    def __reduce__(self):
+        # Process groups cannot be pickled (torch.save of a whole model): the copy gets a placeholder that says
+        # so as soon as it is used for a collective, never a silent single-rank run.
+        if self.group is None:
+            return (CPGroup, (None, self.size, self.rank))
+        return (CPGroup, (UNPICKLED_GROUP, self.size, self.rank))
+
+
+class _UnpickledGroup:
+    """Stands in for the process group of a CP model that was pickled and loaded again."""
+
+    def __repr__(self) -> str:
+        return "UNPICKLED_GROUP"
+
+    def __reduce__(self) -> str:
+        return "UNPICKLED_GROUP"
+
+
+UNPICKLED_GROUP = _UnpickledGroup()
+"""The group of a context-parallel model restored by ``pickle`` / ``torch.load``: collectives on it raise and
+say to call :func:`mamba_cp.parallelize` again (process groups are not saved)."""
+
 
 def resolve_cp_group(cp_group: object) -> CPGroup:
-    """Turn a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``None`` (no CP) or a ``CPGroup`` into a ``CPGroup``.
+    """Turn what users pass as the CP group into a :class:`CPGroup`.
 
-    Raises ``ValueError`` for a mesh that is not one-dimensional and ``TypeError`` for anything else.
+    Accepted: a ``ProcessGroup``; a 1-D ``DeviceMesh``; a :class:`CPGroup`; ``1`` (CP off); ``None`` (CP off,
+    but only once ``torch.distributed`` is initialised: before that ``dist.group.WORLD`` is None too, so a
+    ``None`` there is refused rather than silently turning CP off); and any object with ``size()`` and
+    ``rank()`` methods (NeMo's unit tests pass such a stand-in: enough for construction and slicing; a
+    collective on it raises ``TypeError``).
+
+    Raises ``ValueError`` for a mesh that is not one-dimensional, ``None`` before ``init_process_group`` and
+    sizes or ranks out of range; ``TypeError`` for anything else.
     """
     if isinstance(cp_group, CPGroup):
         return cp_group
     if cp_group is None:
+        if dist.is_available() and not dist.is_initialized():
+            raise ValueError(
+                "cp_group is None and torch.distributed is not initialised: dist.group.WORLD is None before "
+                "init_process_group, so this would silently turn context parallelism off. Call "
+                "init_process_group first, or pass cp_group=1 to run without CP"
+            )
+        return CPGroup(group=None, size=1, rank=0)
+    if isinstance(cp_group, int) and not isinstance(cp_group, bool):
+        if cp_group != 1:
+            raise ValueError(f"an integer cp_group means 'no CP' and must be 1, got {cp_group}; pass a process group")
         return CPGroup(group=None, size=1, rank=0)
     if DeviceMesh is not None and isinstance(cp_group, DeviceMesh):
         if cp_group.ndim != 1:
@@ -43,6 +88,12 @@ def resolve_cp_group(cp_group: object) -> CPGroup:
         return CPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
     if isinstance(cp_group, dist.ProcessGroup):
         return CPGroup(group=cp_group, size=cp_group.size(), rank=cp_group.rank())
+    if callable(getattr(cp_group, "size", None)) and callable(getattr(cp_group, "rank", None)):
+        size, rank = int(cp_group.size()), int(cp_group.rank())
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"cp_group.size() ({size}) must be >= 1 and cp_group.rank() ({rank}) in [0, size)")
+        return CPGroup(group=cp_group, size=size, rank=rank)
     raise TypeError(
-        f"cp_group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh or None, got {type(cp_group)!r}"
+        "cp_group must be a torch.distributed ProcessGroup, a 1-D DeviceMesh, 1 or None (no CP), or an object "
+        f"with size() and rank(), got {type(cp_group)!r}"
     )

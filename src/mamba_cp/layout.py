@@ -8,8 +8,9 @@ chunks ``r`` and ``2*cp - 1 - r`` in that order (for packed batches: per sequenc
 
 Two families live here:
 
-* the spec's stand-alone reorders (``reorder_chunks``, ``undo/redo_attention_load_balancing``,
-  ``deinterleave/reinterleave_packed_seqs``), each one gather, kept for API compatibility;
+* the reorders behind the spec's stand-alone functions (``reorder_chunks`` with :func:`undo_order` /
+  :func:`redo_order`, ``deinterleave/reinterleave_packed_seqs``; their spec names live in
+  :mod:`mamba_cp.hidden_parallel`), each one gather;
 * ``TokenPlan``: per batch, the single permutation between the rank-major all-to-all buffer and the true
   sequence order. The mixers use only this: one gather on the way in, its inverse on the way out, built
   once per batch and reused by every layer.
@@ -17,12 +18,12 @@ Two families live here:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .plan_cache import PlanCache
 from .validation import check_cu_seqlens, check_divisible
 
 # --------------------------------------------------------------------------------------------------
@@ -157,23 +158,6 @@ def redo_order(cp_size: int) -> list[int]:
     return [p // 2 if p % 2 == 0 else n - 1 - p // 2 for p in range(n)]
 
 
-def undo_attention_load_balancing(
-    input_: torch.Tensor, cp_size: int, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reorder from the head-tail layout (ranks' chunk pairs back to back) to true sequence order.
-
-    ``input_`` is ``[B, L, W]`` or, with global ``cu_seqlens``, packed ``[T, W]`` in sequence-major order.
-    """
-    return reorder_chunks(input_, undo_order(cp_size), cu_seqlens)
-
-
-def redo_attention_load_balancing(
-    input_: torch.Tensor, cp_size: int, cu_seqlens: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Reorder from true sequence order back to the head-tail layout. Inverse of the undo."""
-    return reorder_chunks(input_, redo_order(cp_size), cu_seqlens)
-
-
 def _interleave_index(cu_seqlens_local: torch.Tensor, cp_size: int, total: int, device) -> torch.Tensor:
     """Index ``src`` with ``seq_major = rank_major[src]`` for packed tokens after an all-to-all.
 
@@ -284,43 +268,15 @@ def build_token_plan(
     return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev)
 
 
-class TokenPlanCache:
-    """Remembers the plans of recent batches so that every layer of a step reuses one.
-
-    BSHD plans depend only on shapes. Packed plans are keyed on the ``cu_seqlens`` tensor object (held
-    weakly) and its version counter, so the same tensor passed to every layer costs one build, while a new
-    or modified tensor builds a new plan.
-    """
-
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
-        self._entries: list[tuple[tuple, weakref.ref | None, TokenPlan]] = []
-        self.builds = 0
-        """Number of plans built (tests use it to prove per-batch reuse)."""
-
-    def get(
-        self, cp_size: int, batch: int, local_len: int, cu_seqlens: torch.Tensor | None, device: torch.device
-    ) -> TokenPlan:
-        """Return the plan for this batch, building (and validating) it on first use."""
-        if cu_seqlens is None:
-            key: tuple = ("bshd", cp_size, batch, local_len, str(device))
-        else:
-            key = ("thd", cp_size, batch, local_len, str(device), cu_seqlens._version)
-        for k, (entry_key, source, plan) in enumerate(self._entries):
-            if entry_key == key and (source is None or source() is cu_seqlens):
-                self._entries.insert(0, self._entries.pop(k))
-                return plan
-        plan = build_token_plan(cp_size, batch, local_len, cu_seqlens, device)
-        self.builds += 1
-        source = weakref.ref(cu_seqlens) if cu_seqlens is not None else None
-        self._entries.insert(0, (key, source, plan))
-        del self._entries[self.capacity :]
-        return plan
-
-
-# The spec's underscore names.
-_reorder_chunks = reorder_chunks
-_undo_attention_load_balancing = undo_attention_load_balancing
-_redo_attention_load_balancing = redo_attention_load_balancing
-_deinterleave_packed_seqs = deinterleave_packed_seqs
-_reinterleave_packed_seqs = reinterleave_packed_seqs
+def token_plan(
+    cache: PlanCache,
+    cp_size: int,
+    batch: int,
+    local_len: int,
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device | str,
+) -> TokenPlan:
+    """The batch's :class:`TokenPlan` from ``cache`` (built and validated by :func:`build_token_plan` on first
+    use; every layer of a step gets the same object)."""
+    key = (cp_size, batch, local_len, str(device))
+    return cache.get("token", key, cu_seqlens, lambda: build_token_plan(cp_size, batch, local_len, cu_seqlens, device))

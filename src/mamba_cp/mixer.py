@@ -5,8 +5,10 @@ tokens on this rank, ``D`` hidden_size, ``H`` heads, ``P`` head_dim, ``G`` group
 
 Constructor keywords and parameter names follow transformers' ``Mamba2Config`` / ``Mamba2Mixer``
 (``in_proj``, ``conv1d``, ``dt_bias``, ``A_log``, ``D``, ``norm.weight``, ``out_proj``), so state dicts
-move between the two. The mixer knows nothing of collectives: ``mamba_cp.parallelize`` attaches a
-strategy (``self.context_parallel``) and the mixer hands it the conv + scan.
+move between the two. The mixer knows nothing of collectives: it always runs through a strategy
+(``self.strategy``: :class:`~mamba_cp.strategies.local.LocalStrategy` until ``mamba_cp.parallelize`` attaches a
+context-parallel one) and hands it its tokens, its in_proj and its SSM parameters
+(:class:`~mamba_cp.strategies.base.SSMParams`); see :mod:`mamba_cp.strategies.base` for the seam.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .layout import TokenPlan, TokenPlanCache
-from .ssm_block import SSMShape, conv_ssd
-from .validation import check_divisible
+from .ssm_block import SSMShape
+from .strategies.base import SSMConfig, SSMParams, Strategy
+from .strategies.local import LocalStrategy
+from .validation import as_cu_seqlens, check_divisible
 
 
 class GatedRMSNorm(nn.Module):
@@ -129,11 +132,9 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.intermediate_size, eps=layer_norm_epsilon, group_size=group_size, **factory)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias, **factory)
 
-        self.context_parallel = None
-        """The CP strategy attached by :func:`mamba_cp.parallelize` (None: plain single-device mixer)."""
-        self.batch_check = None
-        """Optional ``(hidden_states, cu_seqlens) -> None`` run before each call (debug mode's rank check)."""
-        self._plans = TokenPlanCache()
+        self.strategy: Strategy = LocalStrategy()
+        """How the conv + scan runs: :class:`~mamba_cp.strategies.local.LocalStrategy` (no CP) until
+        :func:`mamba_cp.parallelize` attaches a context-parallel strategy."""
 
     @classmethod
     def from_config(cls, config, layer_idx: int | None = None, **overrides) -> Mamba2Mixer:
@@ -164,8 +165,36 @@ class Mamba2Mixer(nn.Module):
     def shape(self) -> SSMShape:
         return SSMShape(self.num_heads, self.head_dim, self.n_groups, self.ssm_state_size)
 
-    def token_plan(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
-        """Validate the batch layout and return its (cached) plan."""
+    @property
+    def ssm_config(self) -> SSMConfig:
+        """The static description of this mixer's SSM that strategies plan with."""
+        return SSMConfig(
+            shape=self.shape,
+            conv_kernel=self.conv_kernel_size,
+            chunk_size=self.chunk_size,
+            dt_limit=self.time_step_limit,
+        )
+
+    def ssm_params(self) -> SSMParams:
+        """References to this mixer's SSM parameters for one call (read on every call, so parameters that FSDP
+        swaps in are picked up)."""
+        return SSMParams(
+            config=self.ssm_config,
+            conv_weight_CK=self.conv1d.weight.squeeze(1),
+            conv_bias_C=self.conv1d.bias,
+            dt_bias_H=self.dt_bias,
+            A_log_H=self.A_log,
+            D_H=self.D,
+        )
+
+    def mix(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate the batch, then in_proj + conv1d + SSD through the strategy.
+
+        ``hidden_states`` ``[B, L_local, D]`` (or packed ``[T_local, D]`` / ``[1, T_local, D]`` with global
+        ``cu_seqlens`` ``[S + 1]``) -> ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip, before gating) and the
+        gate ``z`` ``[B, L_local, H*P]`` (``B = 1`` for packed batches).
+        """
+        cu_seqlens = as_cu_seqlens(cu_seqlens)
         if cu_seqlens is None:
             if hidden_states.dim() != 3:
                 raise ValueError(
@@ -182,61 +211,19 @@ class Mamba2Mixer(nn.Module):
                 f"hidden_states last dim ({hidden_states.shape[-1]}) must equal the mixer's hidden_size "
                 f"({self.hidden_size})"
             )
-        if self.context_parallel is not None:
-            plan = self.context_parallel.plan_for(hidden_states, cu_seqlens)  # local checks first
-            if self.batch_check is not None:
-                self.batch_check(hidden_states, cu_seqlens)
-            return plan
-        batch = 1 if cu_seqlens is not None else hidden_states.shape[0]
-        return self._plans.get(1, batch, hidden_states.shape[-2], cu_seqlens, hidden_states.device)
-
-    def scan(self, h_BLD: torch.Tensor, plan: TokenPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """in_proj, then conv1d + SSD (through the CP strategy when one is attached).
-
-        ``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip, before gating) and the
-        gate ``z`` ``[B, L_local, H*P]``, which never leaves this rank.
-        """
-        cp = self.context_parallel
-        if cp is not None and getattr(cp, "fuses_projection", None) is not None and cp.fuses_projection(h_BLD):
-            # The strategy runs in_proj itself, overlapping its all-to-all with the projection of z.
-            return cp.project_conv_ssd(h_BLD, self.in_proj, plan)
-        zxbcdt = self.in_proj(h_BLD)
-        z, xBC, dt = torch.split(zxbcdt, [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        if cp is not None:
-            y = cp.conv_ssd(xBC, dt, plan)
-            if getattr(cp, "releases_projection", False):
-                # The strategy kept no reference to xBC / dt, so z (saved by the norm for backward) gets its own
-                # storage and the rest of the in_proj output is freed now instead of living until backward.
-                z = z.contiguous()
-            return y, z
-        y = conv_ssd(
-            xBC,
-            dt,
-            shape=self.shape,
-            conv_weight_CK=self.conv1d.weight.squeeze(1),
-            conv_bias_C=self.conv1d.bias,
-            dt_bias_H=self.dt_bias,
-            A_log_H=self.A_log,
-            D_H=self.D,
-            chunk_size=self.chunk_size,
-            dt_limit=self.time_step_limit,
-            seq_idx_BL=plan.seq_idx,
-        )
-        return y, z
+        plan = self.strategy.plan_for(hidden_states, cu_seqlens)  # every check, before any collective
+        h = hidden_states.unsqueeze(0) if hidden_states.dim() == 2 else hidden_states
+        return self.strategy.scan(h, self.in_proj, self.ssm_params(), plan)
 
     def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L_local, D]`` -> ``[B, L_local, D]``; packed ``[T_local, D]`` / ``[1, T_local, D]`` with global
         ``cu_seqlens`` ``[S + 1]`` -> same shape. Under CP each rank passes its head-tail shard."""
-        plan = self.token_plan(hidden_states, cu_seqlens)
-        h = hidden_states.unsqueeze(0) if hidden_states.dim() == 2 else hidden_states
-        y, z = self.scan(h, plan)
+        y, z = self.mix(hidden_states, cu_seqlens)
         out = self.out_proj(self.norm(y, z))
         return out.squeeze(0) if hidden_states.dim() == 2 else out
 
     def extra_repr(self) -> str:
-        cp = self.context_parallel
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, groups={self.n_groups}, "
-            f"state={self.ssm_state_size}, chunk={self.chunk_size}, "
-            f"context_parallel={'off' if cp is None else repr(cp)}"
+            f"state={self.ssm_state_size}, chunk={self.chunk_size}, strategy={self.strategy!r}"
         )

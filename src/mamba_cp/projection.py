@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .collectives import start_all_to_all
 from .layout import TokenPlan
-from .transport import start_exchange
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ProjectScatter(torch.autograd.Function):
                 torch.mm(h_TD, w_send[j].t(), out=send[j])
             else:
                 torch.addmm(b_send[j], h_TD, w_send[j].t(), out=send[j])
-        recv, pending = start_exchange(send, group, "forward")
+        recv, pending = start_all_to_all(send, group, "forward")
         z = h_TD.new_empty(tokens, layout.z_width)
         _project_z_rows(h_TD, weight, bias, layout, z, slice(0, rows_a))  # while x|B|C|dt travel
         pending.wait()
@@ -122,7 +122,7 @@ class ProjectScatter(torch.autograd.Function):
         if plan.to_ranks is not None:
             dsend = dsend.index_select(0, plan.to_ranks)
         dsend = dsend.view(cp, tokens, wl)
-        drecv, pending = start_exchange(dsend, ctx.group, "backward")
+        drecv, pending = start_all_to_all(dsend, ctx.group, "backward")
         # While the x|B|C|dt gradients travel home: dh of z (all rows; GatherGate passed dz through).
         dh = torch.mm(dz, weight[: layout.z_width]) if need_h else None
         # The z rows' weight/bias gradients are GatherGate's: zeros here.
@@ -159,7 +159,7 @@ class GatherGate(torch.autograd.Function):
         send = y_heads.reshape(cp * tokens, width)
         if plan.to_ranks is not None:  # true order -> rank-major (head-tail redo, packed interleave)
             send = send.index_select(0, plan.to_ranks)
-        recv, pending = start_exchange(send.view(cp, tokens, width), group, "forward")
+        recv, pending = start_all_to_all(send.view(cp, tokens, width), group, "forward")
         _project_z_rows(h_TD, weight, bias, layout, z_TW, slice(rows_a, tokens))  # while y travels
         pending.wait()
         ctx.mark_dirty(z_TW)
@@ -174,7 +174,7 @@ class GatherGate(torch.autograd.Function):
         cp, tokens = plan.cp_size, h_TD.shape[0]
         width = dy.shape[-1] // cp
         dsend = dy.reshape(tokens, cp, width).transpose(0, 1).contiguous()
-        drecv, pending = start_exchange(dsend, ctx.group, "backward")
+        drecv, pending = start_all_to_all(dsend, ctx.group, "backward")
         # While dy travels to the heads: the weight and bias gradients of z.
         dweight = dbias = None
         if ctx.needs_input_grad[3]:

@@ -21,19 +21,23 @@ a width chosen per batch (:func:`choose_slot_width`).
 
 :func:`build_segment_plan` is a pure function of ``(cp_size, cp_rank, batch, local_len, cu_seqlens, halo,
 block_size, state_size)``; it reads ``cu_seqlens`` once (to validate and build the index maps) and is
-unit-testable without a process group. :class:`SegmentPlanCache` builds a batch's plan once and serves it to
-every layer.
+unit-testable without a process group. :func:`segment_plan` builds a batch's plan once (in the shared
+:class:`~mamba_cp.plan_cache.PlanCache`) and serves it to every layer.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
+import zlib
 from dataclasses import dataclass
 
 import torch
 
-from .validation import check_cu_seqlens
+from .plan_cache import PlanCache
+from .validation import ConfigError, check_cu_seqlens
+
+FINGERPRINT_SIZE = 5
+"""Numbers in :attr:`SegmentPlan.fingerprint` (they travel with the state summaries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,11 +158,22 @@ class SegmentPlan:
     """THD index maps (None for BSHD)."""
     slots: SlotLayout
     """The slot grid of this rank's tokens for per-segment matmuls."""
+    fingerprint: torch.Tensor
+    """``[FINGERPRINT_SIZE]`` int64 on the tokens' device: the batch as every rank must see it (local length in
+    two 20-bit halves, sequence count, a 40-bit hash of ``cu_seqlens`` in two halves; each part exact in float32).
+    It travels with the state summaries, so ranks that pass different batches fail instead of mixing them."""
 
     @property
     def num_segments(self) -> int:
         """Segments on this rank: ``2*S``."""
         return 2 * self.num_seqs
+
+
+def describe_fingerprint(row: list[float]) -> str:
+    """A gathered :attr:`SegmentPlan.fingerprint` row in words."""
+    local_len, seqs = (int(row[0]) << 20) + int(row[1]), int(row[2])
+    digest = (int(row[3]) << 20) + int(row[4])
+    return f"{local_len} local tokens per row, {seqs} sequences" + (f", cu_seqlens hash {digest:#x}" if digest else "")
 
 
 def chain_rank(chunk: torch.Tensor, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +208,7 @@ def halo_sources(seg_len_S: torch.Tensor, cp_size: int, cp_rank: int, halo: int)
     seq = torch.arange(num_seqs)[:, None, None]
     rows = ((src_rank * num_seqs + seq) * 2 + src_half) * halo + src_j
     slots = ((seq * 2 + half) * halo + j).expand_as(rows)
-    inside = pos >= 0
-    assert bool((src_j[inside] >= 0).all() and (src_j[inside] < halo).all()), "halo source outside tail buffer"
+    inside = pos >= 0  # (src_j lies in [0, halo) for every slot inside its sequence: tests/test_segments.py)
     return rows[inside], slots[inside]
 
 
@@ -314,14 +328,14 @@ def build_segment_plan(
     Raises ``ValueError`` when a length does not split into ``2*cp`` equal chunks.
     """
     if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank ({cp_rank}) must be in [0, cp_size={cp_size})")
+        raise ConfigError(f"cp_rank ({cp_rank}) must be in [0, cp_size={cp_size})")
     if halo < 0 or block_size < 1:
-        raise ValueError(f"halo ({halo}) must be >= 0 and block_size ({block_size}) >= 1")
+        raise ConfigError(f"halo ({halo}) must be >= 0 and block_size ({block_size}) >= 1")
     global_len = local_len * cp_size
     packed = None
     if cu_seqlens is None:
         if local_len < 2 or local_len % 2 != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"global sequence length L (local length x cp_size = {local_len} x {cp_size}) must be a "
                 f"positive multiple of 2*cp_size ({2 * cp_size}): each rank holds two equal chunks"
             )
@@ -330,7 +344,7 @@ def build_segment_plan(
         slots = SlotLayout(rows=2 * batch, width=seg_len, num_segments=2 * batch)
     else:
         if batch != 1:
-            raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
+            raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
         bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=2 * cp_size)
         seq_lens = torch.tensor(bounds, dtype=torch.int64).diff()
         num_seqs, seg_len = seq_lens.numel(), None
@@ -338,6 +352,9 @@ def build_segment_plan(
         width = block_size if state_size is None else choose_slot_width(seg_len_S.repeat(2), state_size)
         packed, slots = _packed_index(seg_len_S, halo, width, device)
 
+    digest = 0 if cu_seqlens is None else zlib.crc32(str(bounds).encode()) | (len(bounds) << 32)
+    parts = [local_len >> 20, local_len & 0xFFFFF, num_seqs, (digest >> 20) & 0xFFFFF, digest & 0xFFFFF]
+    fingerprint = torch.tensor(parts, dtype=torch.int64)
     chain_pos = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])
     chain_before = torch.arange(2 * cp_size)[None, :] < chain_pos[:, None]
     halo_rows, halo_slots = halo_sources(seg_len_S, cp_size, cp_rank, halo)
@@ -357,43 +374,29 @@ def build_segment_plan(
         halo_slots=halo_slots.to(device),
         packed=packed,
         slots=slots,
+        fingerprint=fingerprint.to(device),
     )
 
 
-class SegmentPlanCache:
-    """Remembers the segment plans of recent batches so every layer of a step reuses one.
+def segment_plan(
+    cache: PlanCache,
+    cp_size: int,
+    cp_rank: int,
+    batch: int,
+    local_len: int,
+    cu_seqlens: torch.Tensor | None,
+    *,
+    halo: int,
+    block_size: int,
+    state_size: int | None = None,
+    device: torch.device | str,
+) -> SegmentPlan:
+    """The batch's :class:`SegmentPlan` from ``cache`` (built and validated by :func:`build_segment_plan` on
+    first use; every layer of a step with the same conv width and chunk size gets the same object)."""
+    key = (cp_size, cp_rank, batch, local_len, halo, block_size, state_size, str(device))
 
-    Keyed like :class:`~mamba_cp.layout.TokenPlanCache`: BSHD plans by shapes; packed plans by the
-    ``cu_seqlens`` tensor object (held weakly) and its version counter, plus the plan's parameters.
-    """
-
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
-        self._entries: list[tuple[tuple, weakref.ref | None, SegmentPlan]] = []
-        self.builds = 0
-        """Number of plans built (tests use it to prove per-batch reuse)."""
-
-    def get(
-        self,
-        cp_size: int,
-        cp_rank: int,
-        batch: int,
-        local_len: int,
-        cu_seqlens: torch.Tensor | None,
-        *,
-        halo: int,
-        block_size: int,
-        state_size: int | None = None,
-        device: torch.device,
-    ) -> SegmentPlan:
-        """Return the plan for this batch, building (and validating) it on first use."""
-        key: tuple = (cp_size, cp_rank, batch, local_len, halo, block_size, state_size, str(device))
-        key += ("bshd",) if cu_seqlens is None else ("thd", cu_seqlens._version)
-        for k, (entry_key, source, plan) in enumerate(self._entries):
-            if entry_key == key and (source is None or source() is cu_seqlens):
-                self._entries.insert(0, self._entries.pop(k))
-                return plan
-        plan = build_segment_plan(
+    def build() -> SegmentPlan:
+        return build_segment_plan(
             cp_size,
             cp_rank,
             batch,
@@ -404,8 +407,5 @@ class SegmentPlanCache:
             state_size=state_size,
             device=device,
         )
-        self.builds += 1
-        source = weakref.ref(cu_seqlens) if cu_seqlens is not None else None
-        self._entries.insert(0, (key, source, plan))
-        del self._entries[self.capacity :]
-        return plan
+
+    return cache.get("segment", key, cu_seqlens, build)

@@ -8,6 +8,7 @@ the ``cp - 1`` peers.
 
 from __future__ import annotations
 
+from .segments import FINGERPRINT_SIZE
 from .ssm_block import SSMShape
 
 
@@ -59,7 +60,8 @@ def state_passing_bytes(
     if cp < 1:
         raise ValueError(f"cp ({cp}) must be >= 1")
     halos = 2 * num_seqs * (conv_kernel - 1) * dims.conv_dim * dtype_bytes
-    summaries = 2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) * state_bytes
+    # + the batch fingerprint (5 numbers) that rides with the summaries so that ranks with different batches fail
+    summaries = (2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) + FINGERPRINT_SIZE) * state_bytes
     send = halos + summaries if cp > 1 else 0
     return {"send_buffers": send, "off_rank": (cp - 1) * send}
 

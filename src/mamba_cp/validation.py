@@ -10,10 +10,38 @@ from __future__ import annotations
 import torch
 
 
+class ConfigError(ValueError, AssertionError):
+    """A configuration mamba_cp refuses (a count that does not divide, a layout that does not fit).
+
+    A ``ValueError`` like every other bad-input error here, and an ``AssertionError`` too, because NeMo
+    AutoModel's module signals the same conditions with ``assert``: code and tests ported from it that catch
+    ``AssertionError`` keep working.
+    """
+
+
 def check_divisible(value: int, divisor: int, what: str, rule: str) -> None:
-    """Raise ``ValueError`` unless ``value % divisor == 0``; ``what`` names the value, ``rule`` says why."""
+    """Raise :class:`ConfigError` unless ``value % divisor == 0``; ``what`` names the value, ``rule`` says why."""
     if divisor <= 0 or value % divisor != 0:
-        raise ValueError(f"{what} ({value}) must be divisible by {rule} ({divisor})")
+        raise ConfigError(f"{what} ({value}) must be divisible by {rule} ({divisor})")
+
+
+def as_cu_seqlens(cu_seqlens: object) -> torch.Tensor | None:
+    """``cu_seqlens`` as a 1-D int tensor: a tensor is returned as it is; a list, tuple or NumPy array of ints
+    becomes an int64 CPU tensor; None stays None. Anything else raises ``ValueError`` naming its type."""
+    if cu_seqlens is None or isinstance(cu_seqlens, torch.Tensor):
+        return cu_seqlens
+    if isinstance(cu_seqlens, list | tuple) or type(cu_seqlens).__module__ == "numpy":
+        try:
+            values = torch.as_tensor(cu_seqlens)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"cu_seqlens could not be read as a 1-D integer sequence: {err}") from err
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise ConfigError(f"cu_seqlens must hold integers, got {values.dtype} values")
+        return values.to(torch.int64)
+    raise ConfigError(
+        f"cu_seqlens must be a torch.Tensor, a list/tuple of ints or a NumPy integer array, got "
+        f"{type(cu_seqlens).__name__}"
+    )
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, multiple_of: int = 1) -> list[int]:
@@ -27,32 +55,32 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total_tokens: int, multiple_of: i
     The one host read of ``cu_seqlens`` happens here, once per batch.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        raise ConfigError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+        raise ConfigError(f"cu_seqlens must have dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
+        raise ConfigError(
             f"cu_seqlens must be 1-D with at least 2 entries ([num_seqs + 1]), got shape {tuple(cu_seqlens.shape)}"
         )
     bounds = cu_seqlens.detach().cpu().tolist()
     if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}")
+        raise ConfigError(f"cu_seqlens must start at 0, got cu_seqlens[0]={bounds[0]}")
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
     for i, n in enumerate(lengths):
         if n <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"cu_seqlens must be strictly increasing, got cu_seqlens[{i}]={bounds[i]} and "
                 f"cu_seqlens[{i + 1}]={bounds[i + 1]} (sequence {i} has length {n})"
             )
     if bounds[-1] != total_tokens:
-        raise ValueError(
+        raise ConfigError(
             f"cu_seqlens must end at the global token count {total_tokens} "
             f"(local tokens x cp), got cu_seqlens[-1]={bounds[-1]}"
         )
     if multiple_of > 1:
         for i, n in enumerate(lengths):
             if n % multiple_of != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"sequence {i} has length {n}, which is not a multiple of 2*cp_size ({multiple_of}); "
                     "the head-tail layout cuts every sequence into 2*cp equal chunks, so pad each "
                     f"sequence to a multiple of {multiple_of}"
@@ -65,8 +93,15 @@ def batch_dims(local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[in
     ``[1, T_local, W]`` when ``cu_seqlens`` is given (then ``B = 1``)."""
     if cu_seqlens is None:
         if local.dim() != 3:
-            raise ValueError(f"expected [B, L_local, W] without cu_seqlens, got shape {tuple(local.shape)}")
-        return local.shape[0], local.shape[1]
-    if local.dim() not in (2, 3) or (local.dim() == 3 and local.shape[0] != 1):
-        raise ValueError(f"a packed batch must be [T, W] or [1, T, W], got shape {tuple(local.shape)}")
-    return 1, local.shape[-2]
+            raise ConfigError(f"expected [B, L_local, W] without cu_seqlens, got shape {tuple(local.shape)}")
+        batch, length = local.shape[0], local.shape[1]
+    else:
+        if local.dim() not in (2, 3) or (local.dim() == 3 and local.shape[0] != 1):
+            raise ConfigError(f"a packed batch must be [T, W] or [1, T, W], got shape {tuple(local.shape)}")
+        batch, length = 1, local.shape[-2]
+    if batch == 0 or length == 0:
+        raise ConfigError(
+            f"an empty batch cannot be run: got shape {tuple(local.shape)} (batch {batch}, {length} local tokens); "
+            "every rank needs at least one token of every row"
+        )
+    return batch, length

@@ -13,7 +13,7 @@ import sys
 import torch.nn as nn
 
 from ..groups import CPGroup
-from ..layout import TokenPlanCache
+from ..plan_cache import PlanCache
 
 
 def convert_mixers(module: nn.Module) -> nn.Module:
@@ -26,7 +26,7 @@ def convert_mixers(module: nn.Module) -> nn.Module:
     return module
 
 
-def parallelize_attention(module: nn.Module, group: CPGroup, plans: TokenPlanCache) -> nn.Module:
+def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -> nn.Module:
     """Make the attention layers of a converted hybrid model context-parallel over ``group`` (head-parallel
     all-to-all) and give the model's forward the true token positions; returns ``module``."""
     if "transformers" in sys.modules:

@@ -16,9 +16,9 @@ Shape legend: ``B`` batch, ``L_local`` tokens per row on this rank, ``D`` hidden
 * **Attention layers** (any transformers attention module that dispatches through
   ``ALL_ATTENTION_FUNCTIONS``) run head-parallel: the model's ``config._attn_implementation`` is switched to
   ``"mamba_cp"``, a function registered with transformers' ``AttentionInterface``, which wraps the layer's
-  own implementation (``eager``, ``sdpa`` or ``flash_attention_*``) in :class:`~mamba_cp.attention.UlyssesAttention`
-  and gives it a causal mask over true positions (block-diagonal for packed batches). transformers then
-  builds no mask of its own (its mask helpers skip unknown implementations).
+  own implementation (``eager``, ``sdpa``, ``flex_attention`` or ``flash_attention_*``) in
+  :class:`~mamba_cp.attention.UlyssesAttention` and gives it a causal mask over true positions.
+  transformers then builds no mask of its own (its mask helpers skip unknown implementations).
 * **The model's forward** (a pre-hook on every ``PreTrainedModel`` in the tree) gets the true
   ``position_ids`` of this rank's tokens when none are passed (rotary embeddings need them), ``use_cache``
   defaults to False, and an all-ones 2-D ``attention_mask`` is dropped (padding is refused: pack instead).
@@ -26,9 +26,16 @@ Shape legend: ``B`` batch, ``L_local`` tokens per row on this rank, ``D`` hidden
 ``FalconH1Mixer`` is refused: it scales the in_proj input and output by μP multipliers and has an optional,
 differently grouped norm, so it is not the same computation.
 
-Packed batches with ``sdpa`` or ``eager`` attention use a dense ``[T, T]`` block-diagonal mask (built once per
-batch); for long packed batches on GPU load the model with ``flash_attention_2``, which takes ``cu_seqlens``
-instead (its path here is written to transformers' varlen interface but has only run where flash-attn exists).
+Packed batches with ``sdpa``, ``eager`` or ``flex_attention`` layers run document-causal attention in O(T) memory
+(:mod:`mamba_cp.document_attention`): one FlexAttention ``BlockMask`` per batch, built from the batch's
+``cu_seqlens`` as int32 tile lists (never a ``[T, T]`` tensor) and shared by every attention layer; compiled
+FlexAttention on GPU, the same tile schedule in torch ops on CPU (torch's FlexAttention has no CPU backward). It
+takes the layer's ``scaling`` and ``softcap`` and refuses attention dropout in training (``packed_attention =
+"dense"`` on a layer's ``context_parallel`` restores the dense ``[T, T]`` mask, O(T^2), which allows it).
+BSHD batches keep ``sdpa`` with ``is_causal`` and ``eager`` with its dense causal mask (eager's own scores are
+``[L, L]`` anyway). ``flash_attention_2`` takes ``cu_seqlens`` (varlen) instead; its path here is written to
+transformers' varlen interface but has only run where flash-attn exists.
+
 On GPU, torch's experimental ``context_parallel`` (ring attention over SDPA, the same head-tail layout) does
 the attention part of this job for BSHD batches; it is not used here because its SDPA path has no CPU kernel
 (DESIGN 3b), it shards the buffers itself, and it takes no packed sequences. Ulysses sends each token's q/k/v
@@ -52,9 +59,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .. import kernels
 from ..attention import MaskCache, UlyssesAttention
 from ..context import current_cu_seqlens, local_positions
+from ..document_attention import DEFAULT_BLOCK_SIZE, document_attention, resolve_backend
 from ..groups import CPGroup
-from ..layout import TokenPlanCache
 from ..mixer import Mamba2Mixer
+from ..plan_cache import PlanCache
+from ..strategies.local import LocalStrategy
 
 SUPPORTED_MIXERS: dict[str, tuple[str, ...]] = {
     "transformers.models.mamba2.modeling_mamba2": ("Mamba2Mixer",),
@@ -93,8 +102,6 @@ class TransformersMamba2Mixer(Mamba2Mixer):
     """
 
     _hf_class: type[nn.Module]
-    context_parallel = None  # class-level defaults: the HF __init__ ran, not Mamba2Mixer's
-    batch_check = None
 
     def forward(
         self,
@@ -106,7 +113,7 @@ class TransformersMamba2Mixer(Mamba2Mixer):
     ) -> torch.Tensor:
         cu_seqlens = current_cu_seqlens(cu_seqlens)
         if cache_params is not None or attention_mask is not None:
-            if self.context_parallel is not None or cu_seqlens is not None:
+            if self.strategy.group.size > 1 or cu_seqlens is not None:
                 raise ValueError(
                     f"mixer {self.layer_idx}: a generation cache (cache_params) or a padding attention_mask cannot be "
                     "used with context parallelism or packed sequences; call the model with use_cache=False and "
@@ -115,8 +122,7 @@ class TransformersMamba2Mixer(Mamba2Mixer):
             return self._hf_class.forward(
                 self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs
             )
-        plan = self.token_plan(hidden_states, cu_seqlens)
-        y, z = self.scan(hidden_states, plan)
+        y, z = self.mix(hidden_states, cu_seqlens)
         # The HF gated norm (gate first, groups of norm.group_size), in float32 or float64 for float64 input.
         y = kernels.rmsnorm_gated(
             y, z, self.norm.weight, eps=self.norm.variance_epsilon, group_size=self.norm.group_size
@@ -175,7 +181,7 @@ def convert_mixers(module: nn.Module) -> list[str]:
             continue
         _check_mixer(name or cls.__name__, sub)
         sub.time_step_limit = (float(sub.time_step_limit[0]), float(sub.time_step_limit[1]))
-        sub._plans = TokenPlanCache()
+        sub.strategy = LocalStrategy()  # the HF __init__ ran, not Mamba2Mixer's
         sub.__class__ = _cp_class(cls)
         converted.append(name)
     if isinstance(module, PreTrainedModel) and not any(isinstance(m, Mamba2Mixer) for m in module.modules()):
@@ -207,16 +213,83 @@ class _LocalHeads:
         return getattr(self._module, name)
 
 
+PACKED_ATTENTION = ("auto", "flex", "blocks", "dense")
+"""How packed batches attend (:attr:`AttentionContextParallel.packed_attention`)."""
+
+_SCORE_KWARGS = ("s_aux", "sinks", "position_bias")
+"""Attention kwargs that change the scores in ways the document-causal path does not implement."""
+
+
 @dataclass(eq=False)
 class AttentionContextParallel:
-    """Head-parallel CP for one transformers attention layer (``module.context_parallel``)."""
+    """Head-parallel CP for one transformers attention layer (``module.context_parallel``).
+
+    Which attention runs, per batch layout and the layer's own implementation:
+
+    ============================  ===================================  =====================================
+    implementation                BSHD                                 packed (``cu_seqlens``)
+    ============================  ===================================  =====================================
+    ``sdpa``                      sdpa, ``is_causal`` (no mask)        document-causal (below)
+    ``eager``                     eager, dense ``[1, 1, L, L]`` mask   document-causal
+    ``flex_attention``            document-causal (one document)       document-causal
+    ``flash_attention_*``         flash, causal                        flash varlen (``cu_seqlens``)
+    ============================  ===================================  =====================================
+
+    Document-causal is :func:`mamba_cp.document_attention.document_attention` with the batch's
+    :class:`~mamba_cp.document_attention.DocumentMask`, built once per batch and shared by every attention layer
+    (``masks``): compiled FlexAttention on GPU, the same tile schedule in torch ops on CPU; O(T) memory, never a
+    ``T x T`` tensor. It takes the layer's ``scaling`` and ``softcap`` and refuses attention dropout.
+    """
 
     ulysses: UlyssesAttention
     inner: str
-    """The layer's own attention implementation (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...)."""
+    """The layer's own attention implementation (``"eager"``, ``"sdpa"``, ``"flex_attention"``,
+    ``"flash_attention_2"``, ...)."""
     inner_fn: Callable
     masks: MaskCache = field(default_factory=MaskCache)
     """Per-batch masks, shared by all attention layers of a model."""
+    packed_attention: str = "auto"
+    """Packed batches (and every batch of a ``flex_attention`` layer): ``"auto"`` (FlexAttention on CUDA/XPU, the
+    tile schedule in torch ops elsewhere), ``"flex"``, ``"blocks"``, or ``"dense"``: the layer's own ``sdpa`` /
+    ``eager`` with a dense ``[1, 1, T, T]`` mask (O(T^2) memory; supports dropout)."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    """Tile edge of the document-causal mask (FlexAttention's kernels use 128)."""
+
+    def _mode(self, packed: bool) -> str:
+        """``"document"``, ``"varlen"``, ``"flash"``, ``"causal"`` (sdpa ``is_causal``) or ``"dense"``."""
+        if self.packed_attention not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
+        if self.inner.startswith("flash_attention"):
+            return "varlen" if packed else "flash"
+        if self.inner == "flex_attention":
+            if self.packed_attention == "dense":
+                raise ValueError(
+                    "packed_attention='dense' needs an 'sdpa' or 'eager' layer; this one is 'flex_attention'"
+                )
+            return "document"
+        if packed and self.packed_attention != "dense":
+            return "document"
+        if self.inner == "sdpa":
+            return "dense" if packed else "causal"
+        return "dense"
+
+    def _document_options(self, module: nn.Module, kwargs: dict) -> tuple[float | None, float | None]:
+        """``(scale, softcap)`` of the layer; ``ValueError`` for what the document-causal path cannot do."""
+        name = type(module).__name__
+        dropout = kwargs.get("dropout") or 0.0
+        if dropout > 0:
+            raise ValueError(
+                f"{name}: attention dropout ({dropout}) is not supported by mamba_cp's document-causal attention "
+                "(FlexAttention has no dropout): set the config's attention_dropout to 0 or call model.eval(), or "
+                "set layer.context_parallel.packed_attention = 'dense' (a [T, T] mask: O(T^2) memory)"
+            )
+        for name_ in _SCORE_KWARGS:
+            if kwargs.get(name_) is not None:
+                raise ValueError(f"{name}: attention with {name_!r} is not supported under mamba_cp")
+        scale = kwargs.get("scaling")
+        if scale is None:
+            scale = getattr(module, "scaling", None)
+        return scale, kwargs.get("softcap")
 
     def __call__(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
         """``query`` ``[B, H, L_local, d]``, ``key``/``value`` ``[B, H_kv, L_local, d]`` -> ``[B, L_local, H, d]``."""
@@ -237,13 +310,24 @@ class AttentionContextParallel:
                 )
             return self.inner_fn(module, query, key, value, None, **kwargs)  # one query sees every cached key
         plan = u.plan_for(query.shape[0], query.shape[2], cu_seqlens, query.device)
+        mode = self._mode(plan.seq_idx is not None)
+        if mode == "document":  # options and the batch's mask first: errors come before any collective
+            scale, softcap = self._document_options(module, kwargs)
+            backend = resolve_backend(self.packed_attention, query.device)
+            kind = "document" if backend == "flex" else "document-blocks"
+            mask = self.masks.get(plan, kind, device=query.device, block_size=self.block_size)
         q, k, v = u.scatter(query, key, value, plan)
-        if self.inner.startswith("flash_attention"):
+        if mode == "document":
+            out = document_attention(q, k, v, mask, scale=scale, softcap=softcap, backend=backend)
+            return u.gather(out.transpose(1, 2), plan), None
+        if mode in ("flash", "varlen"):
             mask = None  # causal from module.is_causal; packed batches go through the varlen path
-            if plan.seq_idx is not None:
+            if mode == "varlen":
                 kwargs.update(self.masks.get(plan, "varlen"))
+        elif mode == "causal":
+            mask = None
         elif self.inner == "sdpa":
-            mask = None if plan.seq_idx is None else self.masks.get(plan, "bool", device=q.device)
+            mask = self.masks.get(plan, "bool", device=q.device)
         else:
             mask = self.masks.get(plan, "additive", q.dtype, q.device)
         groups = getattr(module, "num_key_value_groups", 1)
@@ -281,20 +365,21 @@ def _attention_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _inner_function(name: str, layer: nn.Module, inner: str | None) -> Callable:
+    """The layer's own attention function (run for BSHD sdpa/eager/flash batches and cached-key decoding)."""
     if inner in (None, "eager"):
         fn = getattr(sys.modules[type(layer).__module__], "eager_attention_forward", None)
         if fn is None:
             raise ValueError(f"{name}: no eager_attention_forward in {type(layer).__module__}")
         return fn
-    if inner == "sdpa" or inner.startswith("flash_attention"):
+    if inner in ("sdpa", "flex_attention") or inner.startswith("flash_attention"):
         return ALL_ATTENTION_FUNCTIONS[inner]
     raise ValueError(
         f"{name}: attention implementation {inner!r} is not supported under mamba_cp; load the model with "
-        "attn_implementation='sdpa', 'eager' or 'flash_attention_2'"
+        "attn_implementation='sdpa', 'eager', 'flex_attention' or 'flash_attention_2'"
     )
 
 
-def parallelize_attention(module: nn.Module, group: CPGroup, plans: TokenPlanCache) -> list[str]:
+def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -> list[str]:
     """Attach head-parallel CP to every attention layer in ``module`` and the position hook to its models.
 
     Every check (head divisibility, supported implementation, no sliding window) runs on every layer before
@@ -314,7 +399,10 @@ def parallelize_attention(module: nn.Module, group: CPGroup, plans: TokenPlanCac
             ulysses = UlyssesAttention(group, heads, kv_heads, plans)
         except ValueError as err:
             raise ValueError(f"cannot parallelize attention {name}: {err}") from err
-        states.append((layer, AttentionContextParallel(ulysses, inner, _inner_function(name, layer, inner), masks)))
+        state = AttentionContextParallel(ulysses, inner, _inner_function(name, layer, inner), masks)
+        if isinstance(previous, AttentionContextParallel):  # parallelized again: keep the layer's choices
+            state.packed_attention, state.block_size = previous.packed_attention, previous.block_size
+        states.append((layer, state))
     _install_model_hooks(module, group)
     if not layers:
         return []

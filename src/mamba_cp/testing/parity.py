@@ -85,9 +85,7 @@ def parity_worker(rank: int, world_size: int, case_dict: dict, device: str = "cp
     dtype = getattr(torch, case.dtype)
     group = dist.group.WORLD if world_size > 1 else None
     ref = build_mixer(case, dev)
-    cp_mixer = parallelize(copy.deepcopy(ref), group, strategy=case.strategy)
-    if hasattr(cp_mixer.context_parallel, "fuse_projection"):
-        cp_mixer.context_parallel.fuse_projection = case.fuse_projection
+    cp_mixer = parallelize(copy.deepcopy(ref), group, strategy=case.strategy, fuse_projection=case.fuse_projection)
 
     gen = torch.Generator(device="cpu").manual_seed(case.seed + 1)
     if case.layout == "bshd":

@@ -29,62 +29,28 @@ Everything is differentiable: torch ops, the kernels (the SSD kernel returns the
 pass is exact and sends gradients of halos and summaries back to their owners. No per-token
 activation crosses ranks except the halos; ``num_heads % cp`` is unconstrained.
 
-The object owns no parameters: it reads the mixer's ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on every
-call (whole, not sliced), so each rank's gradient is that of its own tokens; their sum over the CP group is
-the true gradient.
+The strategy owns no parameters: the mixer hands it ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on every
+call (:class:`~mamba_cp.strategies.base.SSMParams`, whole, not sliced), so each rank's gradient is that of its
+own tokens; their sum over the CP group is the true gradient.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .groups import resolve_cp_group
-from .kernels.ssd_reference import process_dt
-from .layout import TokenPlanCache
-from .segments import SegmentPlan, SegmentPlanCache
-from .validation import batch_dims, check_divisible
-
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class AllGather(torch.autograd.Function):
-    """Autograd-aware all-gather of a flat tensor: ``[n]`` -> ``[cp, n]`` (row ``r`` from rank ``r``).
-
-    Every rank may use every row, so the gradient of rank ``r``'s input is the sum over ranks of their
-    gradients of row ``r``: a reduce-scatter.
-    """
-
-    @staticmethod
-    def forward(ctx, input_: torch.Tensor, group: dist.ProcessGroup, size: int) -> torch.Tensor:
-        ctx.group = group
-        output = input_.new_empty(size * input_.numel())
-        _all_gather_single(output, input_.contiguous(), group=group)
-        return output.view(size, input_.numel())
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_input = grad_output.new_empty(grad_output.shape[1])
-        _reduce_scatter_single(grad_input, grad_output.contiguous().view(-1), group=ctx.group)
-        return grad_input, None, None
-
-
-def all_gather(input_: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
-    """``input_`` (any shape, flattened) from every rank: ``[cp, input_.numel()]``; differentiable.
-
-    ``group=None`` (a single rank) returns ``input_`` as one row.
-    """
-    flat = input_.reshape(-1)
-    if group is None:
-        return flat[None]
-    return AllGather.apply(flat, group, size)
+from .. import kernels
+from ..collectives import all_gather
+from ..consistency import check_ranks_agree
+from ..groups import CPGroup
+from ..kernels.ssd_reference import process_dt
+from ..plan_cache import PlanCache
+from ..segments import SegmentPlan, describe_fingerprint, segment_plan
+from ..validation import ConfigError, batch_dims
+from .base import SSMConfig, SSMParams, project
 
 
 def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -249,87 +215,97 @@ class StateCorrection(torch.autograd.Function):
         return dy, slots.to_tokens(dC_s), dh.view(h_in.shape), dscale, None
 
 
-class StatePassingContextParallel:
+class StatePassing:
     """State-passing CP for one Mamba2 mixer: tokens stay home, segments pass their states.
 
     Args:
-        cp_group: the context-parallel ``ProcessGroup``, a 1-D ``DeviceMesh`` or a ``CPGroup``.
-        mixer: the :class:`~mamba_cp.mixer.Mamba2Mixer` whose ``conv1d``, ``dt_bias``, ``A_log``, ``D``,
-            ``chunk_size`` and ``time_step_limit`` it uses.
-        plan_cache: shared per-batch :class:`~mamba_cp.segments.SegmentPlanCache` (``parallelize``
-            passes one for all layers).
+        group: the CP group.
+        config: the mixer's :class:`~mamba_cp.strategies.base.SSMConfig`.
+        plans: the per-batch plan cache shared by every layer of the model.
+        debug: check on every call, with one small collective, that all ranks agree on the batch.
 
     Collectives per layer: forward two all-gathers (conv halos, then state summaries), backward two
-    reduce-scatters; the halo exchange is skipped for ``conv_kernel == 1``.
+    reduce-scatters; the halo exchange is skipped for ``conv_kernel == 1``. Any head count works.
     """
 
-    def __init__(self, cp_group, mixer: nn.Module, plan_cache: SegmentPlanCache | None = None) -> None:
-        group = resolve_cp_group(cp_group)
-        self.cp_group = group.group
-        self.cp_size = group.size
-        self.cp_rank = group.rank
-        self._mixer = mixer
-        self.plans = plan_cache if plan_cache is not None else SegmentPlanCache()
-        self.shape = mixer.shape
-        check_divisible(self.shape.num_heads, self.shape.n_groups, "num_heads", "n_groups")
+    name = "state_passing"
+
+    def __init__(self, group: CPGroup, config: SSMConfig, plans: PlanCache, *, debug: bool = False) -> None:
+        self.group = group
+        self.config = config
+        self.shape = config.shape
+        self.plans = plans
+        self.debug = debug
 
     # ------------------------------------------------------------------ per-batch plan
 
-    def plan_for(self, local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> SegmentPlan:
-        """The batch's segment plan for sequence-sharded ``local`` ``[B, L_local, W]`` / ``[T_local, W]``."""
-        batch, local_len = batch_dims(local, cu_seqlens)
-        mixer = self._mixer
-        return self.plans.get(
-            self.cp_size,
-            self.cp_rank,
+    def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> SegmentPlan:
+        """The batch's segment plan for sequence-sharded ``[B, L_local, W]`` / ``[T_local, W]`` (validated,
+        cached)."""
+        batch, local_len = batch_dims(hidden_states, cu_seqlens)
+        c = self.config
+        plan = segment_plan(
+            self.plans,
+            self.group.size,
+            self.group.rank,
             batch,
             local_len,
             cu_seqlens,
-            halo=mixer.conv_kernel_size - 1,
-            block_size=mixer.chunk_size,
-            state_size=self.shape.d_state,
-            device=local.device,
+            halo=c.conv_kernel - 1,
+            block_size=c.chunk_size,
+            state_size=c.shape.d_state,
+            device=hidden_states.device,
         )
+        if self.debug:
+            check_ranks_agree(self.group, hidden_states, cu_seqlens)
+        return plan
 
-    # ------------------------------------------------------------------ the mixer's hot path
+    # ------------------------------------------------------------------ the layer
 
-    def conv_ssd(self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
-        """The mixer's conv1d + SSD under CP: ``xBC`` ``[B, L_local, C]``, ``dt`` ``[B, L_local, H]`` ->
+    def scan(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: SegmentPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the D skip, before gating) and ``z``."""
+        z, xBC, dt = project(h_BLD, in_proj, self.shape)
+        return self.conv_ssd(xBC, dt, params, plan), z
+
+    def conv_ssd(
+        self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, params: SSMParams, plan: SegmentPlan
+    ) -> torch.Tensor:
+        """conv1d + SSD of this rank's tokens: ``xBC`` ``[B, L_local, C]``, ``dt`` ``[B, L_local, H]`` ->
         ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip; before gating and norm)."""
-        mixer, shape = self._mixer, self.shape
+        shape = self.shape
         b, local_len, _ = xBC_BLC.shape
-        if (b, local_len) != (plan.batch, plan.local_len):
-            raise ValueError(f"xBC is {tuple(xBC_BLC.shape)} but the plan is for [{plan.batch}, {plan.local_len}]")
-        xBC = self.conv(xBC_BLC, plan)
+        xBC = self.conv(xBC_BLC, params, plan)
         gn = shape.n_groups * shape.d_state
         x, B, C = torch.split(xBC, [shape.d_inner, gn, gn], dim=-1)
         cdtype = _compute_dtype(x.dtype)
-        A_log = mixer.A_log.float() if mixer.A_log.dtype in (torch.float16, torch.bfloat16) else mixer.A_log
-        A_H = -torch.exp(A_log)
-        dt_BLH_p = process_dt(dt_BLH, mixer.dt_bias, True, mixer.time_step_limit, dtype=cdtype)
+        A_log = params.A_log_H
+        A_H = -torch.exp(A_log.float() if A_log.dtype in (torch.float16, torch.bfloat16) else A_log)
+        dt_BLH_p = process_dt(dt_BLH, params.dt_bias_H, True, params.config.dt_limit, dtype=cdtype)
         dA_BLH = dt_BLH_p * A_H.to(cdtype)  # log decay of each token
         ssd = self._ssd_rows if plan.packed is None else self._ssd_packed
-        y = ssd(x, dt_BLH, A_H, B, C, dt_BLH_p, dA_BLH, plan)
+        y = ssd(x, dt_BLH, A_H, B, C, dt_BLH_p, dA_BLH, params, plan)
         return y.reshape(b, local_len, shape.d_inner)
 
-    def _kernel(self, x, dt, A, B, C, **kw) -> torch.Tensor:
+    def _kernel(self, x, dt, A, B, C, params: SSMParams, **kw) -> torch.Tensor:
         """The SSD kernel (from zero unless ``initial_states``); ``x`` ``[R, t, H*P]``, ``B``/``C`` ``[R, t, G*N]``."""
-        s, m = self.shape, self._mixer
+        s, config = self.shape, params.config
         return kernels.ssd_chunk_scan(
             x.unflatten(-1, (s.num_heads, s.head_dim)),
             dt,
             A,
             B.unflatten(-1, (s.n_groups, s.d_state)),
             C.unflatten(-1, (s.n_groups, s.d_state)),
-            m.chunk_size,
-            D=m.D,
-            dt_bias=m.dt_bias,
+            config.chunk_size,
+            D=params.D_H,
+            dt_bias=params.dt_bias_H,
             dt_softplus=True,
-            dt_limit=m.time_step_limit,
+            dt_limit=config.dt_limit,
             **kw,
         )
 
-    def _ssd_rows(self, x, dt, A_H, B, C, dt_p, dA, plan: SegmentPlan) -> torch.Tensor:
+    def _ssd_rows(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
         """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``. Summaries by matmul, then one kernel call
         from the incoming states. Returns ``y`` ``[2B, c, H, P]``."""
         s = self.shape
@@ -351,16 +327,16 @@ class StatePassingContextParallel:
         h_in = self.incoming_states(
             final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
         )
-        return self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), initial_states=h_in.reshape(final.shape))
+        return self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), params, initial_states=h_in.reshape(final.shape))
 
-    def _ssd_packed(self, x, dt, A_H, B, C, dt_p, dA, plan: SegmentPlan) -> torch.Tensor:
+    def _ssd_packed(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
         """THD: one kernel call with ``seq_idx`` = segment id, summaries and the correction by matmuls over
         the plan's slot grid (segments padded to whole rows). Returns ``y`` ``[1, T_local, H, P]``."""
         s, pk = self.shape, plan.packed
         assert pk is not None
         t_local, cdtype = plan.local_len, dA.dtype
         heads, groups = (t_local, s.num_heads, s.head_dim), (t_local, s.n_groups, s.d_state)
-        y0 = self._kernel(x, dt, A_H, B, C, seq_idx=pk.seg_idx)  # [1, T, H, P]
+        y0 = self._kernel(x, dt, A_H, B, C, params, seq_idx=pk.seg_idx)  # [1, T, H, P]
 
         # Log decays in float64: cumsum over the whole local stream, differences per segment.
         cum = F.pad(token_cumsum(dA[0].double(), dim=0), (0, 0, 1, 0))  # [T+1, H]: cum[t] = sum over tokens < t
@@ -381,7 +357,7 @@ class StatePassingContextParallel:
 
     # ------------------------------------------------------------------ the two exchanges
 
-    def conv(self, xBC_BLC: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    def conv(self, xBC_BLC: torch.Tensor, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
         """Causal conv1d (SiLU) of this rank's tokens with halos from the tokens before each segment:
         ``[B, L_local, C]`` -> ``[B, L_local, C]``. One all-gather (none for ``conv_kernel == 1``).
 
@@ -389,8 +365,7 @@ class StatePassingContextParallel:
         outputs of each segment are then recomputed from ``[halo | first halo tokens]`` windows
         ``[2*S, 2*halo, C]`` and written over (per position the same arithmetic as one conv over
         ``[halo | segment]``)."""
-        mixer = self._mixer
-        weight_CK, bias_C = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
+        weight_CK, bias_C = params.conv_weight_CK, params.conv_bias_C
         halo, width = plan.halo, xBC_BLC.shape[-1]
         if halo == 0:
             return kernels.causal_conv1d(xBC_BLC, weight_CK, bias_C, activation="silu")
@@ -419,7 +394,7 @@ class StatePassingContextParallel:
     def exchange_halos(self, tails: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         """Every rank's segment tails ``[2*S*halo, C]`` -> this rank's halos ``[2*S*halo, C]`` (zeros before
         a sequence start). One all-gather; its backward sends the halo gradients back to their owners."""
-        gathered = all_gather(tails, self.cp_group, self.cp_size).view(-1, tails.shape[-1])
+        gathered = all_gather(tails, self.group.group).view(-1, tails.shape[-1])
         picked = gathered.index_select(0, plan.halo_rows)
         return tails.new_zeros(tails.shape).index_copy_(0, plan.halo_slots, picked)
 
@@ -435,10 +410,15 @@ class StatePassingContextParallel:
             ``[S, 2, H, P, N]`` incoming states (zero for the first chunk of a sequence). One all-gather.
         """
         cp, num_seqs = plan.cp_size, plan.num_seqs
-        n_final = final_S2HPN.numel()
-        gathered = all_gather(torch.cat([final_S2HPN.reshape(-1), log_decay_S2H.reshape(-1)]), self.cp_group, cp)
+        n_final, n_decay = final_S2HPN.numel(), log_decay_S2H.numel()
+        # The batch fingerprint rides along (a few numbers in a buffer of H*P*N per segment): ranks that pass
+        # batches of other lengths would otherwise exchange summaries of the same shape and all finish wrong.
+        header = plan.fingerprint.to(final_S2HPN.dtype)
+        flat = torch.cat([final_S2HPN.reshape(-1), log_decay_S2H.reshape(-1), header])
+        gathered = all_gather(flat, self.group.group)
+        self._check_same_batch(gathered[:, n_final + n_decay :], plan)
         finals = gathered[:, :n_final].view(cp, *final_S2HPN.shape)
-        decays = gathered[:, n_final:].view(cp, *log_decay_S2H.shape)
+        decays = gathered[:, n_final : n_final + n_decay].view(cp, *log_decay_S2H.shape)
         # Chain order of chunks: c < cp is rank c's head segment, c >= cp is rank (2cp-1-c)'s tail segment.
         finals_c = torch.cat([finals[:, :, 0], finals[:, :, 1].flip(0)])  # [2cp, S, H, P, N]
         decays_c = torch.cat([decays[:, :, 0], decays[:, :, 1].flip(0)])  # [2cp, S, H]
@@ -449,27 +429,26 @@ class StatePassingContextParallel:
         assert w.shape == (2, 2 * cp, num_seqs, final_S2HPN.shape[2])
         return torch.einsum("ickh,ckhpn->kihpn", w, finals_c)
 
+    def _check_same_batch(self, fingerprints: torch.Tensor, plan: SegmentPlan) -> None:
+        """``ConfigError`` on every rank (they all hold the same gathered rows) unless every rank's batch
+        fingerprint ``[cp, F]`` equals this rank's. Read on the host once per batch (the cache remembers the
+        plan it checked), never again by later layers."""
+
+        def check() -> SegmentPlan:
+            rows = fingerprints.detach().cpu().tolist()
+            if any(row != rows[0] for row in rows):
+                seen = ", ".join(f"rank {r}: {describe_fingerprint(row)}" for r, row in enumerate(rows))
+                raise ConfigError(
+                    f"state passing: the CP ranks passed different batches ({seen}); every rank must pass its "
+                    "head-tail shard of the same batch (same local length and cu_seqlens)"
+                )
+            return plan
+
+        self.plans.get("peer-check", (id(plan),), None, check)  # the entry holds the plan: its id stays unique
+
     def __repr__(self) -> str:
-        s = self.shape
+        s, g = self.shape, self.group
         return (
-            f"StatePassingContextParallel(cp_size={self.cp_size}, cp_rank={self.cp_rank}, heads={s.num_heads}, "
-            f"groups={s.n_groups}, segments_per_sequence=2, halo={self._mixer.conv_kernel_size - 1})"
+            f"StatePassing(cp_size={g.size}, cp_rank={g.rank}, heads={s.num_heads}, groups={s.n_groups}, "
+            f"segments_per_sequence=2, halo={self.config.conv_kernel - 1})"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Construction from parallelize
-# --------------------------------------------------------------------------------------------------
-
-_shared_caches: weakref.WeakKeyDictionary[TokenPlanCache, SegmentPlanCache] = weakref.WeakKeyDictionary()
-"""One segment-plan cache per ``parallelize`` call: keyed by (and living as long as) the call's shared
-token-plan cache, so every mixer it touches builds a batch's segment plan once."""
-
-
-def state_passing_factory(group, mixer: nn.Module, plans: TokenPlanCache) -> StatePassingContextParallel:
-    """``parallelize``'s factory: a :class:`StatePassingContextParallel` sharing a plan cache with every
-    mixer parallelized in the same call."""
-    cache = _shared_caches.get(plans)
-    if cache is None:
-        cache = _shared_caches[plans] = SegmentPlanCache()
-    return StatePassingContextParallel(group, mixer, cache)

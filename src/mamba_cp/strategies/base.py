@@ -1,0 +1,88 @@
+"""The seam between a Mamba2 mixer and the strategy that runs its scan: what crosses it, and the protocol.
+
+Shape legend: ``B`` batch, ``L_local`` tokens per row on this rank (``T_local`` packed, with ``B = 1``),
+``D`` hidden size, ``H`` heads, ``P`` head_dim, ``G`` groups, ``N`` d_state, ``K`` conv width,
+``C = H*P + 2*G*N`` conv channels.
+
+The mixer owns its parameters and knows nothing of collectives; a strategy owns the collectives and knows
+nothing of the mixer. Per call the mixer hands its strategy exactly three things:
+
+* ``h`` ``[B, L_local, D]``: this rank's tokens (its head-tail shard under CP);
+* ``in_proj``: the module projecting ``h`` to ``z | x | B | C | dt`` (a strategy may run it itself, fused
+  with its transport, or call it);
+* :class:`SSMParams`: references to the SSM parameters (no copies; slicing them in the forward pass sends
+  gradients to the full tensors) and the static :class:`SSMConfig`;
+
+plus the batch plan the same strategy returned from ``plan_for``. It gets back ``y`` (the scan output with
+the ``D`` skip, before gating) and the gate ``z``, both ``[B, L_local, H*P]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+import torch.nn as nn
+
+from ..groups import CPGroup
+from ..ssm_block import SSMShape
+
+PlanT = TypeVar("PlanT")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SSMConfig:
+    """The static description of a mixer's SSM: everything a strategy needs to plan a batch."""
+
+    shape: SSMShape
+    """Heads, head_dim, groups and state size of the whole mixer."""
+    conv_kernel: int
+    """``K``: width of the depthwise causal conv (``K - 1`` tokens of history)."""
+    chunk_size: int
+    """The SSD chunk length."""
+    dt_limit: tuple[float, float]
+    """Clamp of ``softplus(dt + dt_bias)``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SSMParams:
+    """The mixer's SSM parameters for one call (references, not copies) and its :class:`SSMConfig`."""
+
+    config: SSMConfig
+    conv_weight_CK: torch.Tensor
+    """``[C, K]`` depthwise conv weight (``conv1d.weight`` squeezed)."""
+    conv_bias_C: torch.Tensor | None
+    """``[C]`` conv bias, or None."""
+    dt_bias_H: torch.Tensor
+    """``[H]``."""
+    A_log_H: torch.Tensor
+    """``[H]``; ``A = -exp(A_log)``."""
+    D_H: torch.Tensor
+    """``[H]`` skip weight."""
+
+
+class Strategy(Protocol[PlanT]):
+    """How a mixer's conv + scan runs: locally (:class:`~mamba_cp.strategies.local.LocalStrategy`) or under
+    context parallelism (:mod:`~mamba_cp.strategies.hidden`, :mod:`~mamba_cp.strategies.state_passing`).
+
+    ``plan_for`` validates the batch (``ValueError`` on every rank, before any collective) and returns its
+    per-batch plan, cached and shared by every layer; ``scan`` runs the layer.
+    """
+
+    name: str
+    """Registry name (``"local"``, ``"hidden"``, ``"state_passing"``)."""
+    group: CPGroup
+    """The CP group (size 1 for the local strategy)."""
+
+    def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> PlanT: ...
+
+    def scan(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: PlanT
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def project(h_BLD: torch.Tensor, in_proj: nn.Module, shape: SSMShape) -> tuple[torch.Tensor, ...]:
+    """``in_proj(h)`` split into ``z [B, L, H*P]``, ``xBC [B, L, C]`` and ``dt [B, L, H]`` (views)."""
+    zxbcdt = in_proj(h_BLD)
+    return torch.split(zxbcdt, [shape.d_inner, shape.conv_dim, shape.num_heads], dim=-1)

@@ -1,0 +1,272 @@
+"""Hidden-parallel context parallelism: heads sharded by one all-to-all each way, whole sequences local.
+
+Shape legend: ``B`` batch, ``L`` global tokens per row, ``L_local = L / cp``, ``H`` heads, ``P`` head_dim,
+``G`` groups, ``N`` d_state; ``_local`` sizes are this rank's share of heads / groups (:class:`HeadShard`).
+
+One all-to-all turns the sequence-sharded ``[B, L_local, ...]`` into the head-sharded ``[B, L, .../cp]``; the
+rank runs conv1d + SSD over whole sequences for its heads; one all-to-all brings ``y`` back. Only
+``x | B | C | dt`` travel (``z`` stays home: it gates ``y`` after the return trip), and the head-tail /
+packed reorders are one gather by the batch's :class:`~mamba_cp.layout.TokenPlan`. With a plain ``nn.Linear``
+in_proj the projection is fused with the transport (:mod:`mamba_cp.projection`).
+
+Parameters are sliced in the forward pass from the full tensors the mixer hands over, so gradients land in
+the full parameters (and parameters that FSDP swaps in are picked up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..consistency import check_ranks_agree
+from ..groups import CPGroup
+from ..layout import TokenPlan, token_plan
+from ..plan_cache import PlanCache
+from ..projection import ProjectionLayout, gather_gate, project_scatter, projection_layout
+from ..ssm_block import SSMShape, conv_ssd
+from ..transport import heads_to_seq, seq_to_heads
+from ..validation import batch_dims, check_divisible
+from .base import SSMConfig, SSMParams, project
+
+
+def own_storage(z_BLW: torch.Tensor) -> torch.Tensor:
+    """``z`` copied out of the in_proj output it is a view of.
+
+    The unfused path's scatter packs ``xBC`` and ``dt`` into its send buffer and keeps no reference to them, so
+    once ``z`` (which the norm saves for backward) has its own storage the rest of the in_proj output is freed
+    after the scatter instead of living until backward (at 128K tokens, cp=2, NemotronH-8B-like: 1.4 of the
+    2.4 GB in_proj output per layer; the copy writes 1.1 GB).
+    """
+    return z_BLW.contiguous()
+
+
+@dataclass(frozen=True, slots=True)
+class HeadShard:
+    """Which heads, groups and conv channels one rank of a hidden-parallel group computes.
+
+    Raises ``ConfigError`` (a ``ValueError``) unless ``H % cp == 0`` and the groups split: ``cp % G`` when
+    ``G < cp`` (each group is then repeated ``cp / G`` times), ``G % cp`` when ``G >= cp``.
+    """
+
+    cp_size: int
+    cp_rank: int
+    num_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+
+    def __post_init__(self) -> None:
+        check_divisible(self.num_heads, self.cp_size, "num_heads", "cp_size")
+        if self.n_groups < self.cp_size:
+            check_divisible(self.cp_size, self.n_groups, "cp_size", "n_groups when n_groups < cp_size")
+        else:
+            check_divisible(self.n_groups, self.cp_size, "n_groups", "cp_size when n_groups >= cp_size")
+        check_divisible(self.num_heads, self.n_groups, "num_heads", "n_groups")
+
+    @property
+    def d_inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def num_heads_local(self) -> int:
+        return self.num_heads // self.cp_size
+
+    @property
+    def d_inner_local(self) -> int:
+        return self.num_heads_local * self.head_dim
+
+    @property
+    def group_repeat_count(self) -> int:
+        """How many consecutive ranks receive each group (1 when ``G >= cp``)."""
+        return max(1, self.cp_size // self.n_groups)
+
+    @property
+    def n_groups_local(self) -> int:
+        return max(1, self.n_groups // self.cp_size)
+
+    @property
+    def local_shape(self) -> SSMShape:
+        return SSMShape(self.num_heads_local, self.head_dim, self.n_groups_local, self.d_state)
+
+    def slice_vector(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of a per-head tensor: ``[H, ...]`` -> ``[H_local, ...]`` (a view)."""
+        start = self.cp_rank * self.num_heads_local
+        return param[start : start + self.num_heads_local]
+
+    def slice_conv(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's channels of a conv1d weight ``[conv_dim, ...]`` or bias ``[conv_dim]``: its ``x`` channels,
+        then its group(s) of ``B``, then of ``C``: ``[H_local*P + 2*G_local*N, ...]``."""
+        gn = self.n_groups * self.d_state
+        x, B, C = torch.split(param, [self.d_inner, gn, gn], dim=0)
+        x_start = self.cp_rank * self.d_inner_local
+        bc = self.n_groups_local * self.d_state
+        bc_start = (self.cp_rank // self.group_repeat_count) * bc
+        return torch.cat(
+            [x[x_start : x_start + self.d_inner_local], B[bc_start : bc_start + bc], C[bc_start : bc_start + bc]]
+        )
+
+    def repeat_groups(self, state: torch.Tensor) -> torch.Tensor:
+        """Repeat each group ``cp / G`` times so that replicas land on consecutive ranks:
+        ``[..., G*N]`` -> ``[..., G*repeat*N]`` (``[B, L, G*N]`` or packed ``[T, G*N]``)."""
+        grouped = state.unflatten(-1, (self.n_groups, 1, self.d_state))
+        repeated = grouped.expand(*state.shape[:-1], self.n_groups, self.group_repeat_count, self.d_state)
+        return repeated.flatten(-3)
+
+    def columns_per_rank(self, t_BLW: torch.Tensor, per_group: bool) -> torch.Tensor:
+        """``[B, L_local, width]`` as ``[B, L_local, cp, width/cp]`` (slot ``r`` goes to rank ``r``); ``per_group``
+        columns (B, C) are repeated first when groups are fewer than ranks."""
+        b, l_local = t_BLW.shape[:2]
+        if per_group and self.group_repeat_count > 1:
+            t_BLW = self.repeat_groups(t_BLW)
+        return t_BLW.reshape(b, l_local, self.cp_size, -1)
+
+
+class HiddenParallel:
+    """Hidden-parallel CP for one mixer.
+
+    Args:
+        group: the CP group.
+        config: the mixer's :class:`SSMConfig`.
+        plans: the per-batch plan cache shared by every layer of the model.
+        fuse_projection: run a plain ``nn.Linear`` in_proj inside the transport (:mod:`mamba_cp.projection`):
+            its GEMMs write the send buffer and the gate ``z`` is computed while ``x|B|C|dt`` travel (and its
+            gradients while theirs travel back); 7% faster at 64K-128K tokens on 2x H200 (BENCHMARKS.md). The
+            fused path is taken only for an ``nn.Linear`` that nothing hooks, whose weight has the input's dtype,
+            with autocast off; anything else (a LoRA or quantized wrapper, FSDP applied to in_proj alone, a
+            hook) gets the unfused path. False always takes the unfused path.
+        debug: check on every call, with one small collective, that all ranks agree on the batch.
+
+    Raises ``ConfigError`` (on every rank, before any collective) when the heads or groups do not split.
+    """
+
+    name = "hidden"
+
+    def __init__(
+        self,
+        group: CPGroup,
+        config: SSMConfig,
+        plans: PlanCache,
+        *,
+        fuse_projection: bool = True,
+        debug: bool = False,
+    ) -> None:
+        s = config.shape
+        self.group = group
+        self.shard = HeadShard(group.size, group.rank, s.num_heads, s.head_dim, s.n_groups, s.d_state)
+        self.config = config
+        self.plans = plans
+        self.fuse_projection = fuse_projection
+        self.debug = debug
+        self._projection_layouts: dict[str, ProjectionLayout] = {}
+
+    # ------------------------------------------------------------------ per-batch plan
+
+    def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
+        """The batch plan for sequence-sharded ``[B, L_local, W]`` / ``[T_local, W]`` (validated, cached)."""
+        batch, local_len = batch_dims(hidden_states, cu_seqlens)
+        plan = token_plan(self.plans, self.group.size, batch, local_len, cu_seqlens, hidden_states.device)
+        if self.debug:
+            check_ranks_agree(self.group, hidden_states, cu_seqlens)
+        return plan
+
+    # ------------------------------------------------------------------ the layer
+
+    def scan(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: TokenPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the D skip, before gating) and the gate
+        ``z`` ``[B, L_local, H*P]``, which never leaves this rank."""
+        if self._fuses(h_BLD, in_proj):
+            return self._fused_scan(h_BLD, in_proj, params, plan)
+        z, xBC, dt = project(h_BLD, in_proj, self.config.shape)
+        xBC_local, dt_local = self.scatter(xBC, dt, plan)
+        y = self.gather(self.local_conv_ssd(xBC_local, dt_local, params, plan), plan)
+        return y, own_storage(z)
+
+    def _fuses(self, h_BLD: torch.Tensor, in_proj: nn.Module) -> bool:
+        # Only a plain nn.Linear that nothing hooks may be bypassed: the fused path reads its weight directly.
+        return (
+            self.fuse_projection
+            and type(in_proj) is nn.Linear
+            and not (in_proj._forward_hooks or in_proj._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and h_BLD.dtype == in_proj.weight.dtype
+            and not torch.is_autocast_enabled(h_BLD.device.type)
+        )
+
+    def _fused_scan(
+        self, h_BLD: torch.Tensor, in_proj: nn.Linear, params: SSMParams, plan: TokenPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, l_local, _ = h_BLD.shape
+        h_TD, weight, bias = h_BLD.reshape(b * l_local, -1), in_proj.weight, in_proj.bias
+        layout = self.projection_layout(h_BLD.device)
+        z, ordered = project_scatter(h_TD, weight, bias, layout, plan, self.group.group)
+        local = self.shard.local_shape
+        xBC_local, dt_local = torch.split(ordered, [local.conv_dim, local.num_heads], dim=-1)
+        y_local = self.local_conv_ssd(xBC_local, dt_local, params, plan)
+        return gather_gate(y_local, z, h_TD, weight, bias, layout, plan, self.group.group)
+
+    def projection_layout(self, device: torch.device) -> ProjectionLayout:
+        """Which in_proj rows go to which rank (built once per device)."""
+        key = str(device)
+        layout = self._projection_layouts.get(key)
+        if layout is None:
+            s = self.shard
+            layout = projection_layout(s.num_heads, s.head_dim, s.n_groups, s.d_state, s.cp_size, device)
+            self._projection_layouts[key] = layout
+        return layout
+
+    def scatter(
+        self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, plan: TokenPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``xBC`` ``[B, L_local, conv_dim]`` and ``dt`` ``[B, L_local, H]`` to this rank's heads over whole
+        sequences in true order: ``[B, L, conv_dim_local]`` and ``[B, L, H_local]``. One all-to-all."""
+        s = self.shard
+        gn = s.n_groups * s.d_state
+        x, B, C = torch.split(xBC_BLC, [s.d_inner, gn, gn], dim=-1)
+        parts = [
+            s.columns_per_rank(x, per_group=False),
+            s.columns_per_rank(B, per_group=True),
+            s.columns_per_rank(C, per_group=True),
+            s.columns_per_rank(dt_BLH, per_group=False),
+        ]
+        ordered = seq_to_heads(parts, plan, self.group.group)
+        # split, not two slices: its backward is one cat, where each slice's would be a zero-filled full-width
+        # tensor, and the two would then be added.
+        local = s.local_shape
+        xBC_local, dt_local = torch.split(ordered, [local.conv_dim, local.num_heads], dim=-1)
+        return xBC_local, dt_local
+
+    def gather(self, y_BLW: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+        """``y`` ``[B, L, d_inner_local]`` back to this rank's tokens ``[B, L_local, d_inner]``. One all-to-all."""
+        return heads_to_seq(y_BLW, plan, self.group.group)
+
+    def local_conv_ssd(
+        self, xBC_local: torch.Tensor, dt_local: torch.Tensor, params: SSMParams, plan: TokenPlan
+    ) -> torch.Tensor:
+        """conv1d + SSD of this rank's heads over whole sequences: ``[B, L, conv_dim_local]``,
+        ``[B, L, H_local]`` -> ``y`` ``[B, L, d_inner_local]``, with this rank's parameter slices."""
+        s, config = self.shard, params.config
+        return conv_ssd(
+            xBC_local,
+            dt_local,
+            shape=s.local_shape,
+            conv_weight_CK=s.slice_conv(params.conv_weight_CK),
+            conv_bias_C=None if params.conv_bias_C is None else s.slice_conv(params.conv_bias_C),
+            dt_bias_H=s.slice_vector(params.dt_bias_H),
+            A_log_H=s.slice_vector(params.A_log_H),
+            D_H=s.slice_vector(params.D_H),
+            chunk_size=config.chunk_size,
+            dt_limit=config.dt_limit,
+            seq_idx_BL=plan.seq_idx,
+        )
+
+    def __repr__(self) -> str:
+        s = self.shard
+        return (
+            f"HiddenParallel(cp_size={s.cp_size}, cp_rank={s.cp_rank}, heads={s.num_heads_local}/{s.num_heads}, "
+            f"groups={s.n_groups_local}/{s.n_groups}, group_repeat={s.group_repeat_count}, "
+            f"fuse_projection={self.fuse_projection})"
+        )
