@@ -6,6 +6,7 @@ Triton conv is also checked on the CPU through Triton's interpreter when Triton 
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from mamba_cp import kernels
-from mamba_cp.kernels import cuda
+from mamba_cp.kernels import cuda, index_width
 from mamba_cp.kernels.conv_reference import causal_conv1d_ref
 from mamba_cp.kernels.norm_reference import rmsnorm_gated_ref
 from mamba_cp.kernels.ssd_reference import ssd_chunk_scan_ref
@@ -169,6 +170,104 @@ def test_mamba_rmsnorm_adapter_matches_reference():
     assert _rel(out, ref) < 1e-2
     for name, got, want in zip("yzw", grads, ref_grads, strict=True):
         assert _rel(got, want) < 2e-2, name
+
+
+# ------------------------------------------------------------------------------------------------ index width
+# The CUDA kernels cut by the splitters of mamba_cp.kernels.index_width at a lowered limit, against the same
+# kernel uncut (float32: the cut changes only the order of a few sums).
+
+
+def test_cuda_token_caps_match_the_triton_conv():
+    pytest.importorskip("triton")
+    from mamba_cp.kernels import triton_conv
+
+    assert cuda.TRITON_CONV_MAX_TOKENS == triton_conv.MAX_TOKENS
+    assert triton_conv.MAX_TOKENS == index_width.GRID_YZ_LIMIT * triton_conv._BWD_TOKENS_PER_PROGRAM
+
+
+def _grads_of(out, leaves, seed=5):
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator(device=outs[0].device).manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g, device=o.device)).sum() for o in outs)
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+_SSD_SPLITS = {
+    "pieces": index_width.SsdSplit(((0, 2),), ((0, 8),), ((0, 1024), (1024, 1536), (1536, 2000))),
+    "in_group_heads": index_width.SsdSplit(((0, 2),), ((0, 3), (3, 4), (4, 8)), ((0, 2000),)),
+    "all_axes": index_width.SsdSplit(((0, 1), (1, 2)), ((0, 4), (4, 8)), ((0, 1024), (1024, 2000))),
+    "planned": None,
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("split", list(_SSD_SPLITS))
+def test_mamba_ssd_cut_matches_uncut(split):
+    fn = cuda.mamba_ssd()
+    if fn is None:
+        pytest.skip("mamba_ssm's Triton SSD is not importable")
+    torch.manual_seed(0)
+    b, length, h, p, g, n, chunk, dev = 2, 2000, 8, 32, 2, 64, 64, "cuda"
+    leaves = [torch.randn(b, length, h, p, device=dev), torch.randn(b, length, h, device=dev) * 0.5]
+    leaves += [-torch.rand(h, device=dev) - 0.5, torch.randn(b, length, g, n, device=dev) * 0.3]
+    leaves += [torch.randn(b, length, g, n, device=dev) * 0.3, torch.rand(h, p, device=dev)]
+    leaves += [torch.randn(b, length, h, p, device=dev), torch.rand(h, device=dev) - 2]
+    leaves += [torch.randn(b, h, p, n, device=dev) * 0.1]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    x, dt, A, B, C, D, z, dt_bias, init = leaves
+    seq = _seq_idx(b, length, [300, 1024, 1500], dev)  # a sequence across 1024, one starting at it
+    kw = dict(D=D, z=z, dt_bias=dt_bias, initial_states=init, seq_idx=seq, dt_softplus=True, return_final_states=True)
+    kernel = functools.partial(cuda.ssd_chunk_scan_cuda, fn)
+    want = _grads_of(kernel(x, dt, A, B, C, chunk, **kw), leaves)
+    opts = {"limit": 2**18} if _SSD_SPLITS[split] is None else {"split": _SSD_SPLITS[split]}
+    got = _grads_of(index_width.ssd_chunk_scan_split(kernel, x, dt, A, B, C, chunk, **kw, **opts), leaves)
+    names = ["y", "final", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+    for name, a, r in zip(names, got, want, strict=True):
+        assert _rel(a, r) < 2e-3, (split, name, _rel(a, r))
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["causal_conv1d", "triton"])
+def test_cuda_conv_cut_matches_uncut(impl):
+    fn = cuda.causal_conv1d_pkg() if impl == "causal_conv1d" else cuda.triton_conv()
+    if fn is None:
+        pytest.skip(f"{impl} is not importable")
+    conv = functools.partial(cuda.causal_conv1d_cuda, fn) if impl == "causal_conv1d" else fn
+    torch.manual_seed(0)
+    base = torch.randn(2, 3000, 200, device="cuda", requires_grad=True)
+    w = torch.randn(192, 4, device="cuda", requires_grad=True)
+    bias = torch.randn(192, device="cuda", requires_grad=True)
+    seq = _seq_idx(2, 3000, [999, 1001, 2000], "cuda")  # starts in a halo and at a piece start
+
+    def run(**opts):
+        out = index_width.causal_conv1d_split(conv, base[..., 8:200], w, bias, seq, "silu", **opts)
+        return _grads_of(out, (base, w, bias))
+
+    want = run(limit=None)
+    for opts in ({"limit": 2**18}, {"split": index_width.ConvSplit(((0, 1), (1, 2)), ((0, 1000), (1000, 3000)))}):
+        for name, a, r in zip(["y", "x", "weight", "bias"], run(**opts), want, strict=True):
+            assert _rel(a, r) < 1e-4, (opts, name, _rel(a, r))
+
+
+@needs_cuda
+def test_mamba_rmsnorm_cut_matches_uncut():
+    fn = cuda.mamba_rmsnorm()
+    if fn is None:
+        pytest.skip("mamba_ssm's gated RMSNorm is not importable")
+    torch.manual_seed(0)
+    y = torch.randn(3, 1000, 256, device="cuda", requires_grad=True)
+    wide = torch.randn(3, 1000, 512 + 256, device="cuda", requires_grad=True)
+    w = torch.rand(256, device="cuda", requires_grad=True)
+
+    def norm(xb, zb, weight, eps, gs, nbg):
+        return fn(xb, weight, None, z=zb, eps=eps, group_size=gs, norm_before_gate=nbg)
+
+    def run(limit):
+        out = index_width.rmsnorm_gated_split(norm, y, wide[..., 512:], w, 1e-5, 64, False, limit=limit)
+        return _grads_of(out, (y, wide, w))
+
+    for name, a, r in zip(["out", "y", "z", "weight"], run(2**17), run(index_width.INT32_LIMIT), strict=True):
+        assert _rel(a, r) < 1e-5, (name, _rel(a, r))
 
 
 # ------------------------------------------------------------------------------------------------ interpreter

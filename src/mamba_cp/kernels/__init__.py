@@ -9,15 +9,21 @@ On CUDA tensors of a half or float32 dtype the fast kernels are chosen when they
 conv from the ``causal_conv1d`` package, else our Triton conv (:mod:`mamba_cp.kernels.triton_conv`).
 Everything else (CPU tensors, float64, a missing package) runs the references. ``MAMBA_CP_KERNELS=reference``
 forces the references everywhere; :func:`selected` says what a device would get.
+
+Every CUDA kernel call goes through :mod:`mamba_cp.kernels.index_width` with that kernel's index width (int32
+for mamba_ssm, uint32 for ``causal_conv1d``, a token cap for our Triton conv): a call past it is cut into calls
+that fit, a call that fits is made as it is. The references are not cut (the splitters take them too, with
+any limit, which is how the cuts are tested on the CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from . import cuda
+from . import cuda, index_width
 from .conv_reference import causal_conv1d_ref
 from .norm_reference import rmsnorm_gated_ref
 from .ssd_reference import ssd_chunk_scan_ref
@@ -86,7 +92,14 @@ def causal_conv1d(
     """
     name, fn = _conv_impl(x, weight.shape[-1])
     if name == "causal_conv1d":
-        return cuda.causal_conv1d_cuda(fn, x, weight, bias, seq_idx, activation)
+        return index_width.causal_conv1d_split(
+            functools.partial(cuda.causal_conv1d_cuda, fn), x, weight, bias, seq_idx, activation,
+            limit=cuda.CAUSAL_CONV1D_LIMIT, max_tokens=cuda.CAUSAL_CONV1D_MAX_TOKENS,
+        )  # fmt: skip
+    if name == "triton":
+        return index_width.causal_conv1d_split(
+            fn, x, weight, bias, seq_idx, activation, limit=None, max_tokens=cuda.TRITON_CONV_MAX_TOKENS
+        )
     return fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 
@@ -109,13 +122,14 @@ def ssd_chunk_scan(
     """The SSD scan (signature of mamba_ssm's ``mamba_chunk_scan_combined``).
 
     ``x`` ``[B, L, H, P]``, ``dt`` ``[B, L, H]``, ``A`` ``[H]``, ``B``/``C`` ``[B, L, G, N]`` -> ``y``
-    ``[B, L, H, P]`` (and the final states ``[B, H, P, N]`` when asked).
+    ``[B, L, H, P]`` (and the final states ``[B, H, P, N]`` when asked). On mamba_ssm the call is cut where
+    its int32 offsets would overflow (:func:`mamba_cp.kernels.index_width.ssd_chunk_scan_split`).
     """
     name, fn = _ssd_impl(x)
     if name == "mamba_ssm":
-        return cuda.ssd_chunk_scan_cuda(
-            fn, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-            return_final_states,
+        return index_width.ssd_chunk_scan_split(
+            functools.partial(cuda.ssd_chunk_scan_cuda, fn), x, dt, A, B, C, chunk_size, D, z, dt_bias,
+            initial_states, seq_idx, dt_softplus, dt_limit, return_final_states, limit=cuda.MAMBA_SSM_LIMIT,
         )  # fmt: skip
     return ssd_chunk_scan_ref(
         x,

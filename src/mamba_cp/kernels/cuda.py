@@ -6,9 +6,12 @@ Nothing here touches ``sys.modules``: mamba_ssm 2.3.2's package ``__init__`` imp
 ``selective_scan_cuda``, so on a machine without that extension its Triton submodules do not import
 either, and the references are used unless the embedding program made the package importable.
 
-mamba_ssm's Triton kernels compute some offsets in int32: a strided view whose span (the distance from
-its first to its last element plus one) reaches 2**31 elements is copied to a contiguous tensor before
-it is handed to them (the ``z`` or ``dt`` column views of a long in_proj output are such views).
+Index widths (see :mod:`mamba_cp.kernels.index_width`, which cuts calls to fit them): mamba_ssm's Triton
+kernels compute offsets in int32 (:data:`MAMBA_SSM_LIMIT`), the ``causal_conv1d`` package in uint32
+(:data:`CAUSAL_CONV1D_LIMIT`, and at most :data:`CAUSAL_CONV1D_MAX_TOKENS` tokens per call); our Triton conv
+in int64 (at most :data:`TRITON_CONV_MAX_TOKENS` tokens per call). A strided view whose span (first to last
+element, plus one) is past a kernel's limit is copied to a contiguous tensor before it is handed to it (the
+``z`` or ``dt`` column views of a long in_proj output are such views).
 """
 
 from __future__ import annotations
@@ -18,32 +21,37 @@ from collections.abc import Callable
 
 import torch
 
+from .index_width import GRID_YZ_LIMIT, INT32_LIMIT, UINT32_LIMIT, fit, rmsnorm_gated_split, span
+
 __all__ = [
+    "CAUSAL_CONV1D_LIMIT",
+    "CAUSAL_CONV1D_MAX_TOKENS",
+    "MAMBA_SSM_LIMIT",
+    "TRITON_CONV_MAX_TOKENS",
     "causal_conv1d_cuda",
     "causal_conv1d_pkg",
     "int32_safe",
     "mamba_rmsnorm",
     "mamba_ssd",
     "rmsnorm_gated_cuda",
+    "span",
     "ssd_chunk_scan_cuda",
     "triton_conv",
 ]
 
-_INT32_LIMIT = 2**31 - 1
-
-
-def span(t: torch.Tensor) -> int:
-    """Elements from ``t``'s first to its last addressed element, inclusive (``numel`` when contiguous)."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+MAMBA_SSM_LIMIT = INT32_LIMIT
+"""Largest element offset mamba_ssm 2.3.2's Triton SSD and gated-norm kernels index correctly (int32)."""
+CAUSAL_CONV1D_LIMIT = UINT32_LIMIT
+"""Largest element offset of the ``causal_conv1d`` package's channel-last kernels (``uint32_t`` strides)."""
+CAUSAL_CONV1D_MAX_TOKENS = GRID_YZ_LIMIT * 64
+"""Tokens per ``causal_conv1d`` call: its forward puts one program per 64 tokens on grid axis y."""
+TRITON_CONV_MAX_TOKENS = GRID_YZ_LIMIT * 256
+"""Tokens per call of our Triton conv: its backward puts one program per 256 tokens on grid axis y."""
 
 
 def int32_safe(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t``, or a contiguous copy when its span is too large for int32 offsets."""
-    if t is None or span(t) <= _INT32_LIMIT:
-        return t
-    return t.contiguous()
+    return fit(t, INT32_LIMIT)
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -164,25 +172,11 @@ def rmsnorm_gated_cuda(
 ) -> torch.Tensor:
     """mamba_ssm's gated ``rmsnorm_fn`` on ``[..., D]``.
 
-    Its kernels index rows in int32, so a tensor of 2**31 elements or more is normalised in row blocks.
+    Its kernels index rows in int32: past :data:`MAMBA_SSM_LIMIT` elements the rows are normalised in blocks
+    (:func:`mamba_cp.kernels.index_width.rmsnorm_gated_split`).
     """
-    x, z = int32_safe(x), int32_safe(z)
-    dim = x.shape[-1]
-    rows = x.numel() // dim if dim else 0
-    max_rows = _INT32_LIMIT // max(dim, 1)
-    if rows <= max_rows:
-        return fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
-    x2, z2 = x.reshape(rows, dim), z.reshape(rows, dim) if z is not None else None
-    pieces = [
-        fn(
-            x2[i : i + max_rows],
-            weight,
-            None,
-            z=z2[i : i + max_rows] if z2 is not None else None,
-            eps=eps,
-            group_size=group_size,
-            norm_before_gate=norm_before_gate,
-        )
-        for i in range(0, rows, max_rows)
-    ]
-    return torch.cat(pieces).reshape(x.shape)
+
+    def norm(xb, zb, w, eps_, gs, nbg):
+        return fn(xb, w, None, z=zb, eps=eps_, group_size=gs, norm_before_gate=nbg)
+
+    return rmsnorm_gated_split(norm, x, z, weight, eps, group_size, norm_before_gate, limit=MAMBA_SSM_LIMIT)

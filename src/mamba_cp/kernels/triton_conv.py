@@ -4,8 +4,12 @@ Shape legend: ``B`` batch, ``L`` tokens, ``C`` channels, ``K`` taps (at most 4; 
 current token). The oracle is :func:`mamba_cp.kernels.conv_reference.causal_conv1d_ref`.
 
 Used on CUDA when the ``causal_conv1d`` package is not installed. The kernels read ``x`` through its row
-stride, so the strided ``xBC`` column view of an in_proj output is consumed without a copy, and every row
-offset is computed in int64 (no 2**31 limit on the tensor's span).
+stride, so the strided ``xBC`` column view of an in_proj output is consumed without a copy. No offset can
+overflow (checked expression by expression, see :mod:`mamba_cp.kernels.index_width`): row offsets are
+``pos.to(int64) * stride``, batch offsets use an int64 program id, the partial-sum index ``b * n_t + pid_t``
+is int64, channel offsets stay below ``4 * C`` and seq_idx loads add ``pos < L`` to an int64 row base. The
+one limit is the backward's grid: ``ceil(L / 256)`` programs on axis y, so a call takes at most
+:data:`MAX_TOKENS` tokens (the dispatcher cuts longer ones).
 
 Narrow filters are run as 4-tap filters whose leading taps are zero: one specialised kernel pair serves
 ``K`` in 1..4. The backward recomputes the pre-activation from ``x`` (nothing but ``x`` is saved) from the
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_WIDTH", "causal_conv1d_triton"]
+__all__ = ["MAX_TOKENS", "MAX_WIDTH", "causal_conv1d_triton"]
 
 MAX_WIDTH = 4
 """Widest filter the kernels handle; wider ones go to the reference."""
@@ -31,6 +35,8 @@ _FWD_BLOCK_L, _FWD_BLOCK_C = 32, 128
 _BWD_TOKENS_PER_PROGRAM = 256
 """Tokens one backward program walks: enough programs to fill the GPU at 16K tokens, and a partial-sum
 buffer of ``5 * C`` floats per 256 tokens (52 MB at 128K tokens and 10240 channels)."""
+MAX_TOKENS = 65535 * _BWD_TOKENS_PER_PROGRAM
+"""Longest ``L`` of one call: the backward's token programs sit on CUDA's grid axis y (at most 65535)."""
 
 
 @triton.jit
@@ -314,4 +320,6 @@ def causal_conv1d_triton(
         raise ValueError(f"the Triton conv handles 1 to {MAX_WIDTH} taps, got {weight.shape[1]}")
     if seq_idx is not None and seq_idx.shape != x.shape[:2]:
         raise ValueError(f"seq_idx must be [B, L]={tuple(x.shape[:2])}, got {tuple(seq_idx.shape)}")
+    if x.shape[1] > MAX_TOKENS:
+        raise ValueError(f"the Triton conv takes at most {MAX_TOKENS} tokens per call, got L={x.shape[1]}")
     return _CausalConv1dFn.apply(x, weight, bias, seq_idx, activation is not None)
