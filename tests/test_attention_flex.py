@@ -574,9 +574,10 @@ def test_no_host_sync_per_layer_once_the_mask_exists():
     layer = model.model.layers[1].mixer  # NemotronHAttention
     x = torch.randn(1, 16, 32, dtype=torch.float64, requires_grad=True)
     counts = []
-    with mamba_cp.batch_context(cu_seqlens=torch.tensor([0, 6, 16]), cp_group=1):
+    cu = torch.tensor([0, 6, 16])  # in host memory, as a collator's: reading it waits for no device
+    with mamba_cp.batch_context(cu_seqlens=cu, cp_group=1):
         for _ in range(2):
-            with OpRecorder() as rec:
+            with OpRecorder(host_tensors=[cu]) as rec:
                 out = layer(x)
                 (out[0] if isinstance(out, tuple) else out).sum().backward()
             counts.append(rec.host_syncs)

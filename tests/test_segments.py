@@ -11,7 +11,7 @@ import torch
 
 from mamba_cp.layout import head_tail_positions, packed_head_tail_positions
 from mamba_cp.plan_cache import PlanCache
-from mamba_cp.segments import SlotLayout, build_segment_plan, choose_slot_width, segment_plan
+from mamba_cp.segments import build_segment_plan, segment_plan
 
 PACKED = [
     pytest.param(2, [4, 40, 12, 8], id="cp2_short_and_long_seqs"),
@@ -19,7 +19,7 @@ PACKED = [
     pytest.param(4, [8, 64, 16, 8], id="cp4_pieces_shorter_than_halo"),
     pytest.param(3, [6, 6, 6, 36], id="cp3_many_short_then_long"),
     pytest.param(1, [2, 6, 4], id="cp1"),
-    pytest.param(2, [16, 32], id="cp2_segments_whole_blocks_no_pad_slots"),
+    pytest.param(2, [16, 32], id="cp2_segments_whole_blocks"),
     pytest.param(2, [16, 16], id="cp2_one_block_per_segment"),
 ]
 
@@ -52,20 +52,6 @@ def _segments(positions_r: torch.Tensor, seqlens: list[int], cp: int) -> list[li
             start += c
     assert start == positions_r.numel()
     return pieces
-
-
-def _dense(sl: SlotLayout, t_local: int) -> SlotLayout:
-    """``sl`` with every identity map (``None``) written out."""
-    ident = torch.arange(t_local)
-    return SlotLayout(
-        sl.rows,
-        sl.width,
-        sl.num_segments,
-        ident if sl.slot_src is None else sl.slot_src,
-        ident if sl.slot_token is None else sl.slot_token,
-        ident if sl.token_slot is None else sl.token_slot,
-        torch.arange(sl.rows) if sl.row_seg is None else sl.row_seg,
-    )
 
 
 @pytest.mark.parametrize(("cp", "seqlens"), PACKED)
@@ -116,26 +102,12 @@ def test_packed_plan_matches_layout(cp: int, seqlens: list[int], halo: int) -> N
                 want_slots.append(g * halo + j)
                 want_tokens.append(toks[j])
         assert pk.head_slots.tolist() == want_slots and pk.head_tokens.tolist() == want_tokens
-        # Slot grid: rows of 4 slots, each inside one segment, every segment starting a row; tokens map
-        # injectively to slots and back; pad slots point one past the end and read a token of their segment.
-        sl = plan.slots
-        assert sl.width == 4 and sl.num_segments == plan.num_segments
-        padded = any(len(toks) % 4 for toks in pieces)
-        assert sl.slots_are_tokens == (not padded)  # maps that would be the identity are None
-        assert (sl.row_seg is None) == (sl.rows == plan.num_segments)
-        sl = _dense(sl, t_local)
-        assert sl.slot_token.shape == sl.slot_src.shape == (sl.rows * 4,)
-        assert sl.token_slot.unique().numel() == t_local and int(sl.token_slot.max()) < sl.rows * 4
-        assert torch.equal(sl.slot_token[sl.token_slot], torch.arange(t_local))
-        pad = sl.slot_token == t_local
-        assert int(pad.sum()) == sl.rows * 4 - t_local
-        assert torch.equal(sl.slot_src[~pad], sl.slot_token[~pad])
-        slot_row = torch.arange(sl.rows * 4) // 4
-        assert torch.equal(pk.token_seg[sl.slot_src], sl.row_seg[slot_row])  # pads read their own segment
-        assert torch.equal(sl.row_seg[sl.token_slot // 4], pk.token_seg)
-        assert (sl.token_slot[pk.seg_first] % 4 == 0).all()
-        assert torch.equal(sl.row_seg, sl.row_seg.sort().values)
-        assert sl.rows == sum(-(-len(toks) // 4) for toks in pieces)  # no row beyond a segment's last block
+        # The fused kernels' work table: the segments as token ranges of the local stream.
+        work = plan.work
+        assert work.num_segments == plan.num_segments and work.total_tokens == t_local
+        assert [(toks[0], toks[-1] + 1) for toks in pieces] == list(
+            zip(work.seg_first.tolist(), work.seg_stop.tolist(), strict=True)
+        )
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
@@ -155,8 +127,8 @@ def test_bshd_plan_matches_layout(cp: int, seqlen_per_chunk: int) -> None:
     for r in range(cp):
         plan = build_segment_plan(cp, r, batch, seqlen // cp, halo=halo, block_size=4)
         assert plan.packed is None and plan.seg_len == c and plan.num_seqs == batch
-        sl = plan.slots
-        assert sl.slots_are_tokens and sl.row_seg is None and (sl.rows, sl.width) == (2 * batch, c)
+        assert plan.work.seg_first.tolist() == [g * c for g in range(2 * batch)]
+        assert plan.work.seg_stop.tolist() == [(g + 1) * c for g in range(2 * batch)]
         assert plan.chain_pos.tolist() == [r, 2 * cp - 1 - r]
         assert plan.chain_before.tolist() == [
             [k < r for k in range(2 * cp)],
@@ -199,48 +171,3 @@ def test_cache_builds_once_per_batch() -> None:
     assert segment_plan(cache, 2, 0, 1, 8, cu, **kw).packed.seg_first.tolist() != first.packed.seg_first.tolist()
     assert segment_plan(cache, 2, 0, 2, 8, None, **kw) is segment_plan(cache, 2, 0, 2, 8, None, **kw)
     assert segment_plan(cache, 2, 0, 2, 8, None, halo=1, block_size=4, device=torch.device("cpu")).halo == 1
-
-
-@pytest.mark.parametrize("seqlens", [[4, 40, 12, 8], [16, 32]], ids=["pad_slots", "no_pad_slots"])
-def test_slot_layout_ops(seqlens: list[int]) -> None:
-    """The slot grid's gathers and per-segment sums against plain loops over the segments (cp=2, Q=4)."""
-    cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()])
-    t_local = sum(seqlens) // 2
-    plan = build_segment_plan(2, 1, 1, t_local, cu, halo=3, block_size=4)
-    sl, pk = plan.slots, plan.packed
-    t = torch.randn(t_local, 3, dtype=torch.float64)
-    assert torch.equal(sl.to_tokens(sl.to_slots(t)), t)
-    padded = sl.to_slots_zero_pad(t)
-    dense = _dense(sl, t_local)
-    pad = dense.slot_token == t_local
-    assert torch.equal(padded[~pad], t[dense.slot_token[~pad]]) and not padded[pad].any()
-    rows = torch.randn(sl.rows, 2, dtype=torch.float64)
-    sums = sl.rows_to_segments(rows)
-    for g in range(plan.num_segments):
-        assert torch.allclose(sums[g], rows[dense.row_seg == g].sum(0), rtol=0, atol=1e-15)
-    assert torch.equal(sl.segments_to_rows(sums), sums[dense.row_seg])
-    assert torch.equal(dense.row_seg[dense.token_slot // 4], pk.token_seg)
-
-
-@pytest.mark.parametrize(
-    ("seg_lens", "want"),
-    [
-        ([32768, 32768], 32768),  # one long sequence at cp=2: one row per segment, as BSHD
-        ([512] * 128, 512),  # 64 equal documents: one row each, no pad slot
-        ([1000, 1000, 3000, 3000], 1000),  # no padding at the gcd
-        ([7, 7, 130, 130, 1, 1], 64),  # short odd documents: padded rows, fewer states
-        ([10, 54, 21, 43] * 16, 64),  # many short documents (gcd 1): one padded row each
-    ],
-)
-def test_choose_slot_width(seg_lens: list[int], want: int) -> None:
-    """NemotronH-like state size 128: few rows of float32 states, little padding, and no gathers at all when a
-    width divides every segment."""
-    assert choose_slot_width(torch.tensor(seg_lens), 128) == want
-
-
-def test_plan_uses_chosen_width_with_state_size() -> None:
-    cu = torch.tensor([0, 64, 192])  # cp=2: segments of 16 and 32 tokens
-    plan = build_segment_plan(2, 0, 1, 96, cu, halo=3, block_size=4, state_size=8)
-    assert plan.slots.width == choose_slot_width(torch.tensor([16, 16, 32, 32]), 8) == 16
-    assert plan.slots.slots_are_tokens and plan.slots.rows == 6
-    assert build_segment_plan(2, 0, 1, 96, cu, halo=3, block_size=4).slots.width == 4  # no state size: Q

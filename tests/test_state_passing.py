@@ -25,13 +25,14 @@ import torch.nn as nn
 import mamba_cp
 from mamba_cp import Mamba2Mixer
 from mamba_cp.groups import CPGroup
+from mamba_cp.kernels.segment_scan import segment_states, state_correction
 from mamba_cp.kernels.ssd_reference import process_dt, ssd_chunk_scan_ref
 from mamba_cp.parallelize import auto_strategy
 from mamba_cp.plan_cache import PlanCache
 from mamba_cp.segments import build_segment_plan
 from mamba_cp.ssm_block import SSMShape
 from mamba_cp.strategies import state_passing
-from mamba_cp.strategies.state_passing import SegmentStates, StateCorrection, StatePassing
+from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
@@ -121,7 +122,7 @@ def test_parity_cp1_two_segments_per_row(case: ParityCase, seqlens: list[int] | 
     assert not bad, f"relative errors above {RTOL}: {bad}"
 
 
-# ------------------------------------------------------------------------------ summaries and correction by matmul
+# ------------------------------------------------------------------------------ summaries and correction
 
 SIZES = {"H": 4, "P": 3, "G": 2, "N": 5, "chunk": 4}  # odd sizes so that a transposed layout cannot pass
 
@@ -131,8 +132,8 @@ LAYOUTS = ["bshd", "thd", "thd_whole_blocks"]
 
 def _plan(layout: str):
     """BSHD: cp=2, rank 1, B=2, 6 tokens per segment. THD: cp=2, rank 0, sequences 4/40/12/8 give segments of
-    1, 10, 3 and 2 tokens: pad slots in the slot grid, a segment spanning three blocks. THD whole blocks:
-    sequences 16/32 give segments of 4 and 8 tokens, no pad slots (slots are tokens, no gathers)."""
+    1, 10, 3 and 2 tokens (a segment spanning three SSD chunks). THD whole blocks: sequences 16/32 give segments
+    of 4 and 8 tokens, whole chunks."""
     if layout == "bshd":
         return build_segment_plan(2, 1, 2, 12, halo=3, block_size=4)
     if layout == "thd":
@@ -211,13 +212,13 @@ def _worst(got: dict, want: dict) -> float:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_segment_states_equal_kernel_final_states(layout: str) -> None:
-    """The summaries by matmul equal the SSD kernel's ``return_final_states`` of every segment run alone from
-    zero, and their hand-written backward equals autograd through the kernel (float64)."""
+    """The summaries equal the SSD kernel's ``return_final_states`` of every segment run alone from zero, and
+    their gradients equal autograd through the kernel (float64)."""
     plan = _plan(layout)
     v = _ssd_inputs(plan)
     want = torch.cat([_kernel_per_segment(v, toks, return_final_states=True)[1] for toks in _segment_tokens(plan)])
     after, _, dt_p = _decays(v, plan)
-    got = SegmentStates.apply(v["x"], v["B"], after.exp() * dt_p, plan.slots)
+    got = segment_states(v["x"], v["B"], after.exp() * dt_p, plan.work)
     assert got.shape == want.shape == (plan.num_segments, SIZES["H"], SIZES["P"], SIZES["N"])
     assert _rel(got, want) < 1e-13
     cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -228,8 +229,8 @@ def test_segment_states_equal_kernel_final_states(layout: str) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_state_correction_equals_kernel_initial_states(layout: str) -> None:
-    """Zero-state output plus the correction by matmul equals the kernel run from ``initial_states`` = the
-    segment's incoming state, for the output and every gradient (``h`` included; float64)."""
+    """Zero-state output plus the correction equals the kernel run from ``initial_states`` = the segment's
+    incoming state, for the output and every gradient (``h`` included; float64)."""
     plan = _plan(layout)
     v = _ssd_inputs(plan, seed=1)
     segments = _segment_tokens(plan)
@@ -238,26 +239,12 @@ def test_state_correction_equals_kernel_initial_states(layout: str) -> None:
     )
     y0 = torch.cat([_kernel_per_segment(v, toks)[0] for toks in segments])
     _, through, _ = _decays(v, plan)
-    got = StateCorrection.apply(y0, v["C"], v["h"], through.exp(), plan.slots)
+    got = state_correction(y0, v["C"], v["h"], through.exp(), plan.work)
     assert _rel(got, want) < 1e-13
     cotangent = torch.randn(want.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     grads = _grads(got, v, cotangent)
     assert set(grads) == set(v)
     assert _worst(grads, _grads(want, v, cotangent)) < 1e-12
-
-
-@pytest.mark.parametrize("fn", ["states", "correction"])
-def test_matmul_functions_gradcheck_with_pad_slots(fn: str) -> None:
-    """Finite differences against the hand-written backward, on the packed slot grid (pad slots included)."""
-    plan = _plan("thd")
-    v = _ssd_inputs(plan, seed=2)
-    w = torch.rand(v["dt"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    if fn == "states":
-        inputs = (v["x"], v["B"], w.requires_grad_(True))
-        assert torch.autograd.gradcheck(lambda *a: SegmentStates.apply(*a, plan.slots), inputs, fast_mode=True)
-    else:
-        inputs = (v["x"], v["C"], v["h"], w.requires_grad_(True))
-        assert torch.autograd.gradcheck(lambda *a: StateCorrection.apply(*a, plan.slots), inputs, fast_mode=True)
 
 
 class _Calls:
@@ -292,8 +279,8 @@ def test_one_kernel_call_per_layer(case: ParityCase, seqlens: list[int] | None, 
 PLANTED = [
     pytest.param(layout, bug, id=f"{layout}-{bug}")
     for layout, bugs in (
-        ("bshd", ["h_in", "states_backward_dw"]),
-        ("thd", ["h_in", "states_backward_dw", "correction_backward_dscale"]),
+        ("bshd", ["h_in", "states_no_decay_grad"]),
+        ("thd", ["h_in", "states_no_decay_grad", "correction_no_scale_grad"]),
     )
     for bug in bugs
 ]
@@ -301,16 +288,22 @@ PLANTED = [
 
 @pytest.mark.parametrize(("layout", "bug"), PLANTED)
 def test_planted_bugs_are_caught(layout: str, bug: str, monkeypatch) -> None:
-    """A 1e-6 error in the incoming states, or a dropped gradient term in either matmul Function's backward,
-    fails the float64 parity check by orders of magnitude."""
+    """A 1e-6 error in the incoming states, or a summary / correction that loses the gradient of its decay
+    weights, fails the float64 parity check by orders of magnitude."""
     case, seqlens = CP1[0 if layout == "bshd" else 2].values
     if bug == "h_in":
         real = StatePassing.incoming_states
         monkeypatch.setattr(StatePassing, "incoming_states", lambda self, *a: real(self, *a) + 1e-6)
-    else:  # the backward without its gradient for the decay weights / scales
-        fn = SegmentStates if bug == "states_backward_dw" else StateCorrection
-        real_bwd, keep = fn.backward, 2 if fn is SegmentStates else 3
-        monkeypatch.setattr(fn, "backward", staticmethod(lambda ctx, d: (*real_bwd(ctx, d)[:keep], None, None)))
+    elif bug == "states_no_decay_grad":
+        monkeypatch.setattr(
+            state_passing, "segment_states", lambda x, B, w, work: segment_states(x, B, w.detach(), work)
+        )
+    else:
+        monkeypatch.setattr(
+            state_passing,
+            "state_correction",
+            lambda y0, C, h, scale, work: state_correction(y0, C, h, scale.detach(), work),
+        )
     errors = _cp1_errors(case, seqlens)
     assert max(errors.values()) > 1e3 * RTOL, errors
     if bug != "h_in":
@@ -392,8 +385,8 @@ class _ByteRecorder(OpRecorder):
     """:class:`OpRecorder` that also sums the bytes of each collective's *input* (``args[1]``: for
     ``_allgather_base_(output, input, ...)`` the buffer this rank contributes)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, host_tensors=()) -> None:
+        super().__init__(host_tensors=host_tensors)
         self.sent = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -413,9 +406,10 @@ def _hot_path_worker(rank: int, world: int) -> dict:
         else:
             cu, x = None, torch.randn(2, 16 // world, 8, dtype=torch.float64, requires_grad=True)
         model(x, cu).sum().backward()  # first step of this batch: builds (and validates) the plan
-        with _ByteRecorder() as forward:
+        # cu_seqlens lives in host memory (the collator's tensor): reading it waits for no device.
+        with _ByteRecorder(host_tensors=[cu]) as forward:
             y = model(x, cu)
-        with OpRecorder() as backward:
+        with OpRecorder(host_tensors=[cu]) as backward:
             y.sum().backward()
         caches = {id(layer.strategy.plans) for layer in model.layers}
         out[layout] = {

@@ -12,17 +12,25 @@ here, and the functions look each other up in this module's namespace at call ti
 Differences from NeMo's module, on purpose:
 
 * :meth:`MambaContextParallel.pre_conv_ssm` sends ``z | x | B | C | dt`` in **one** ``_all_to_all_cp2hp`` (NeMo
-  makes five), and the head-tail undo plus the packed deinterleave are one gather by the batch's
-  :class:`~mamba_cp.layout.TokenPlan`; :meth:`~MambaContextParallel.post_conv_ssm` mirrors it. A test that
-  counts five calls cannot pass.
+  makes five), each rank's columns packed side by side; :meth:`~MambaContextParallel.post_conv_ssm` makes one
+  ``_all_to_all_hp2cp``. The result is NeMo's (this rank's ``z | x | B | C | dt`` over whole sequences, in true
+  order); a test that counts five calls, or indexes a list of five captured calls, cannot pass.
 * Configuration errors raise :class:`~mamba_cp.validation.ConfigError`, which is both a ``ValueError`` and
-  the ``AssertionError`` NeMo raises; they are raised on every rank before any collective.
-* ``_all_to_all_cp2hp`` / ``_all_to_all_hp2cp`` ignore ``batch_size`` as NeMo does (its own
-  ``pre_conv_ssm`` passes the token count for 2-D input): the batch is the input's.
+  the ``AssertionError`` NeMo raises, with messages that name the value and the rule; they are raised on every
+  rank before any collective.
+* ``cp_group`` may also be a 1-D ``DeviceMesh``; a stand-in with only ``size()`` and ``rank()`` is enough for
+  construction and slicing, and a collective on it raises a ``TypeError`` that says so.
+* A 2-D input without ``cu_seqlens`` is one sequence ``[L_local, W]``; packed input may also be ``[1, T, W]``.
+
+As in NeMo: ``_all_to_all`` receives ``[cp*B*L_local, W_local]``; ``_all_to_all_cp2hp`` / ``_all_to_all_hp2cp``
+ignore ``batch_size`` (NeMo's own ``pre_conv_ssm`` passes the token count for 2-D input): the batch is the
+input's; ``get_dt_bias`` / ``get_A_log`` / ``get_D`` (and here ``get_conv1d_weight`` / ``get_conv1d_bias``) take
+an optional tensor to slice instead of the mixer's.
 
 The mixers of this library do not use this module: they run :class:`~mamba_cp.strategies.hidden.HiddenParallel`
-(the same transport, fused with in_proj). The public twins of the underscore names (``all_to_all_cp2hp``, ...)
-are the same functions.
+(the same single all-to-all, fused with in_proj, with the head-tail undo and the packed deinterleave as one
+gather by the batch's :class:`~mamba_cp.layout.TokenPlan`); here they are separate calls so that patches reach
+them. The public twins of the underscore names (``all_to_all_cp2hp``, ...) are the same functions.
 """
 
 from __future__ import annotations
@@ -241,7 +249,8 @@ class MambaContextParallel:
             # The transport sees the caller's rank (a 2-D [T_local, W] stays 2-D, as in NeMo); the chunk reorder
             # always runs on [B, L, W], where dim 1 is the sequence.
             out = _all_to_all_cp2hp(packed[0] if squeeze else packed, self.cp_group, local.shape[0])
-            return _undo_attention_load_balancing(packed if squeeze else out, self.cp_size)[0] if squeeze else _undo_attention_load_balancing(out, self.cp_size)
+            out = _undo_attention_load_balancing(out.unsqueeze(0) if squeeze else out, self.cp_size)
+            return out.squeeze(0) if squeeze else out
         # Packed: [T_local, W] -> [T, W_local] rank-major -> sequence-major -> true order.
         out = _all_to_all_cp2hp(packed[0], self.cp_group, 1)
         out = _deinterleave_packed_seqs(out, cu_seqlens // self.cp_size, self.cp_size)

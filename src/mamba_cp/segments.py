@@ -14,25 +14,25 @@ index), whatever the packing. Rank 0's tail of sequence ``s`` and head of ``s + 
 global order, but they are kept as two segments: the boundary between them resets the state anyway, and a
 uniform ``[S, 2]`` grid of segments keeps every per-layer op a fixed-shape tensor op.
 
-Per-segment reductions (each segment's final state) and broadcasts (its incoming state) run as batched
-matmuls over a :class:`SlotLayout`: a ``[rows, width]`` grid of token *slots* in which every row lies inside
-one segment. BSHD segments are already the rows of ``[2B, c]``; packed segments are padded to whole rows of
-a width chosen per batch (:func:`choose_slot_width`).
+Per-segment reductions (each segment's final state) and broadcasts (its incoming state) run over the
+segments as token ranges of the flat local axis (:class:`~mamba_cp.kernels.segment_scan.SegmentWork`, the
+work table of the fused kernels): BSHD segments are the rows of ``[2B, c]``, packed segments the pieces of
+the local stream; the work is O(T) whatever their lengths.
 
 :func:`build_segment_plan` is a pure function of ``(cp_size, cp_rank, batch, local_len, cu_seqlens, halo,
-block_size, state_size)``; it reads ``cu_seqlens`` once (to validate and build the index maps) and is
+block_size)``; it reads ``cu_seqlens`` once (to validate and build the index maps) and is
 unit-testable without a process group. :func:`segment_plan` builds a batch's plan once (in the shared
 :class:`~mamba_cp.plan_cache.PlanCache`) and serves it to every layer.
 """
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 
 import torch
 
+from .kernels.segment_scan import SegmentWork, build_segment_work, row_segments
 from .plan_cache import PlanCache
 from .validation import ConfigError, check_cu_seqlens
 
@@ -69,66 +69,6 @@ class PackedIndex:
 
 
 @dataclass(frozen=True, slots=True)
-class SlotLayout:
-    """This rank's tokens on a ``[rows, width]`` grid of *slots*, every row inside one segment, so that
-    per-segment sums and broadcasts are batched matmuls over rows (``K = rows``, ``q = width``).
-
-    * BSHD: the rows are the ``2B`` segments (``[B, 2, c]`` as ``[2B, c]``) and slot ``i`` is token ``i``.
-    * THD: every segment is padded to whole rows (of a width chosen per batch, :func:`choose_slot_width`).
-      *Pad slots* (the tail of a segment's last row) read some real token: callers zero them through a
-      weight (see :meth:`to_slots_zero_pad`) or drop what they produce (:meth:`to_tokens` never reads them).
-
-    An index map is ``None`` where it would be the identity: the token maps when no segment needs padding
-    (then slots are tokens and no gather is made), ``row_seg`` when every segment is one row.
-    """
-
-    rows: int
-    """``K``: rows of slots (BSHD ``2B``)."""
-    width: int
-    """``q``: slots per row (BSHD ``c``)."""
-    num_segments: int
-    """``2*S``: segments on this rank."""
-    slot_src: torch.Tensor | None = None
-    """``[K*q]`` token each slot reads (a real token for pad slots too)."""
-    slot_token: torch.Tensor | None = None
-    """``[K*q]`` token of each slot, ``T_local`` for pad slots (one past the end: a zero row appended)."""
-    token_slot: torch.Tensor | None = None
-    """``[T_local]`` slot of each token."""
-    row_seg: torch.Tensor | None = None
-    """``[K]`` segment of each row."""
-
-    @property
-    def slots_are_tokens(self) -> bool:
-        """No pad slots: slot ``i`` is token ``i`` and :meth:`to_slots` returns its input (a view)."""
-        return self.slot_src is None
-
-    def to_slots(self, t: torch.Tensor) -> torch.Tensor:
-        """``[T_local, ...]`` -> ``[K*q, ...]`` (pad slots hold some real token's values)."""
-        return t if self.slot_src is None else t.index_select(0, self.slot_src)
-
-    def to_slots_zero_pad(self, t: torch.Tensor) -> torch.Tensor:
-        """``[T_local, ...]`` -> ``[K*q, ...]`` with zeros in pad slots (for small per-token tensors: it pads
-        a copy of ``t`` with one zero row)."""
-        if self.slot_token is None:
-            return t
-        return torch.cat([t, t.new_zeros(1, *t.shape[1:])]).index_select(0, self.slot_token)
-
-    def to_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """``[K*q, ...]`` -> ``[T_local, ...]``: every token's slot (pad slots are dropped)."""
-        return t if self.token_slot is None else t.index_select(0, self.token_slot)
-
-    def rows_to_segments(self, t: torch.Tensor) -> torch.Tensor:
-        """``[K, ...]`` -> ``[2*S, ...]``: the sum over each segment's rows."""
-        if self.row_seg is None:
-            return t
-        return t.new_zeros(self.num_segments, *t.shape[1:]).index_add_(0, self.row_seg, t)
-
-    def segments_to_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """``[2*S, ...]`` -> ``[K, ...]``: each row's segment."""
-        return t if self.row_seg is None else t.index_select(0, self.row_seg)
-
-
-@dataclass(frozen=True, slots=True)
 class SegmentPlan:
     """How one batch's tokens on one rank split into segments, and how segments connect across ranks."""
 
@@ -143,7 +83,7 @@ class SegmentPlan:
     halo: int
     """``K - 1``: pre-conv tokens each segment needs from the tokens before it."""
     block_size: int
-    """``Q``: the row width of the packed slot grid when no state size is given (the mixer's chunk size)."""
+    """``Q``: the mixer's SSD chunk size."""
     seg_len: int | None
     """BSHD: tokens per segment (``L_local / 2``); None for packed batches (lengths vary)."""
     chain_pos: torch.Tensor
@@ -156,8 +96,8 @@ class SegmentPlan:
     """``[n_halo]`` the halo slot (of ``[2*S * halo]``) each feeds; slots before a sequence start stay 0."""
     packed: PackedIndex | None
     """THD index maps (None for BSHD)."""
-    slots: SlotLayout
-    """The slot grid of this rank's tokens for per-segment matmuls."""
+    work: SegmentWork
+    """This rank's segments as token ranges, for the fused summary and correction kernels."""
     fingerprint: torch.Tensor
     """``[FINGERPRINT_SIZE]`` int64 on the tokens' device: the batch as every rank must see it (local length in
     two 20-bit halves, sequence count, a 40-bit hash of ``cu_seqlens`` in two halves; each part exact in float32).
@@ -212,35 +152,9 @@ def halo_sources(seg_len_S: torch.Tensor, cp_size: int, cp_rank: int, halo: int)
     return rows[inside], slots[inside]
 
 
-def choose_slot_width(seg_len: torch.Tensor, state_size: int) -> int:
-    """Row width of the packed slot grid for segments of ``seg_len`` ``[2S]`` tokens (host-side, once per batch).
-
-    Narrow rows pad little but cost per row: every row carries float32 ``[H, P, N]`` states (summaries,
-    incoming-state copies and their gradients), about ``14 * N`` tokens' worth of ``[H*P]`` traffic per row
-    and layer. Each pad slot costs about 15 such token passes, and any padding at all adds about 10 per token
-    (the gathers between tokens and slots; with no pad slot they are views). The width minimising that rough
-    count is chosen among the largest width with no padding (the gcd of the lengths) and the powers of two
-    from 8 to the first one that holds the longest segment. A single long sequence gets one row per segment,
-    as BSHD does; equal documents get one row each.
-    """
-    lengths = seg_len.tolist()
-    total, longest = sum(lengths), max(lengths)
-    candidates, width = {math.gcd(*lengths)}, 8
-    while width < 2 * longest:  # powers of two up to the first that holds the longest segment
-        candidates.add(width)
-        width *= 2
-
-    def cost(w: int) -> int:
-        rows = sum(-(-n // w) for n in lengths)
-        pads = rows * w - total
-        return 14 * state_size * rows + 15 * pads + (10 * total if pads else 0)
-
-    return min(sorted(candidates), key=cost)
-
-
-def _packed_index(seg_len_S: torch.Tensor, halo: int, width: int, device) -> tuple[PackedIndex, SlotLayout]:
-    """The THD index maps and slot grid (rows of ``width`` slots) of one rank, from the chunk length ``[S]``
-    of every sequence (built on the CPU, moved to ``device``)."""
+def _packed_index(seg_len_S: torch.Tensor, halo: int, device) -> tuple[PackedIndex, SegmentWork]:
+    """The THD index maps and the segments' work table of one rank, from the chunk length ``[S]`` of every
+    sequence (built on the CPU, moved to ``device``)."""
     num_seqs = seg_len_S.numel()
     seg_len = seg_len_S.repeat_interleave(2)  # [2S] head and tail pieces have the same length
     num_segs = 2 * num_seqs
@@ -264,18 +178,6 @@ def _packed_index(seg_len_S: torch.Tensor, halo: int, width: int, device) -> tup
     head_slots = torch.arange(num_segs * halo)[in_seg]
     head_tokens = (seg_first[:, None] + j).reshape(-1)[in_seg]
 
-    # Slot grid: each segment padded to a multiple of the width, so every row belongs to one segment.
-    seg_rows = -(-seg_len // width)
-    num_rows = int(seg_rows.sum())
-    row_start = seg_rows.cumsum(0) - seg_rows
-    token_slot = row_start[token_seg] * width + offset
-    slot_token = torch.full((num_rows * width,), total, dtype=torch.int64)
-    slot_token[token_slot] = torch.arange(total)
-    # Pad slots read the last token of their segment (any real token would do).
-    row_seg = seg_ids.repeat_interleave(seg_rows)
-    slot_seg = row_seg.repeat_interleave(width)
-    slot_src = torch.where(slot_token < total, slot_token, seg_stop[slot_seg] - 1)
-
     index = PackedIndex(
         seg_idx=token_seg.to(device, torch.int32)[None],
         token_seg=token_seg.to(device),
@@ -287,17 +189,8 @@ def _packed_index(seg_len_S: torch.Tensor, halo: int, width: int, device) -> tup
         head_slots=head_slots.to(device),
         head_tokens=head_tokens.to(device),
     )
-    padded = num_rows * width > total  # else token_slot is the identity: no gathers at all
-    slots = SlotLayout(
-        rows=num_rows,
-        width=width,
-        num_segments=num_segs,
-        slot_src=slot_src.to(device) if padded else None,
-        slot_token=slot_token.to(device) if padded else None,
-        token_slot=token_slot.to(device) if padded else None,
-        row_seg=row_seg.to(device) if num_rows > num_segs else None,
-    )
-    return index, slots
+    work = build_segment_work(seg_first.tolist(), seg_stop.tolist(), total, device)
+    return index, work
 
 
 def build_segment_plan(
@@ -309,7 +202,6 @@ def build_segment_plan(
     *,
     halo: int,
     block_size: int,
-    state_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> SegmentPlan:
     """Validate a batch's layout and build rank ``cp_rank``'s :class:`SegmentPlan` (a pure function).
@@ -321,8 +213,7 @@ def build_segment_plan(
         local_len: ``L_local`` (``T_local`` for packed batches).
         cu_seqlens: ``[S + 1]`` *global* boundaries of a packed batch, or None for BSHD.
         halo: ``conv_kernel - 1``.
-        block_size: ``Q``, the row width of the packed slot grid when ``state_size`` is None.
-        state_size: ``N``; given, the packed row width is :func:`choose_slot_width`'s, else ``block_size``.
+        block_size: ``Q``, the mixer's SSD chunk size.
         device: where the index tensors live (the activations' device).
 
     Raises ``ValueError`` when a length does not split into ``2*cp`` equal chunks.
@@ -341,7 +232,7 @@ def build_segment_plan(
             )
         num_seqs, seg_len = batch, local_len // 2
         seg_len_S = torch.full((batch,), seg_len, dtype=torch.int64)
-        slots = SlotLayout(rows=2 * batch, width=seg_len, num_segments=2 * batch)
+        work = build_segment_work(*row_segments(2 * batch, seg_len), 2 * batch * seg_len, device)
     else:
         if batch != 1:
             raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
@@ -349,8 +240,7 @@ def build_segment_plan(
         seq_lens = torch.tensor(bounds, dtype=torch.int64).diff()
         num_seqs, seg_len = seq_lens.numel(), None
         seg_len_S = seq_lens // (2 * cp_size)
-        width = block_size if state_size is None else choose_slot_width(seg_len_S.repeat(2), state_size)
-        packed, slots = _packed_index(seg_len_S, halo, width, device)
+        packed, work = _packed_index(seg_len_S, halo, device)
 
     digest = 0 if cu_seqlens is None else zlib.crc32(str(bounds).encode()) | (len(bounds) << 32)
     parts = [local_len >> 20, local_len & 0xFFFFF, num_seqs, (digest >> 20) & 0xFFFFF, digest & 0xFFFFF]
@@ -373,7 +263,7 @@ def build_segment_plan(
         halo_rows=halo_rows.to(device),
         halo_slots=halo_slots.to(device),
         packed=packed,
-        slots=slots,
+        work=work,
         fingerprint=fingerprint.to(device),
     )
 
@@ -388,12 +278,11 @@ def segment_plan(
     *,
     halo: int,
     block_size: int,
-    state_size: int | None = None,
     device: torch.device | str,
 ) -> SegmentPlan:
     """The batch's :class:`SegmentPlan` from ``cache`` (built and validated by :func:`build_segment_plan` on
     first use; every layer of a step with the same conv width and chunk size gets the same object)."""
-    key = (cp_size, cp_rank, batch, local_len, halo, block_size, state_size, str(device))
+    key = (cp_size, cp_rank, batch, local_len, halo, block_size, str(device))
 
     def build() -> SegmentPlan:
         return build_segment_plan(
@@ -404,7 +293,6 @@ def segment_plan(
             cu_seqlens,
             halo=halo,
             block_size=block_size,
-            state_size=state_size,
             device=device,
         )
 

@@ -128,16 +128,17 @@ def ssd_chunk_scan_cuda(
     B: torch.Tensor,
     C: torch.Tensor,
     chunk_size: int,
-    D: torch.Tensor | None,
-    z: torch.Tensor | None,
-    dt_bias: torch.Tensor | None,
-    initial_states: torch.Tensor | None,
-    seq_idx: torch.Tensor | None,
-    dt_softplus: bool,
-    dt_limit: tuple[float, float],
-    return_final_states: bool,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
 ):
-    """mamba_ssm's ``mamba_chunk_scan_combined`` with the int32 guard on every activation.
+    """mamba_ssm's ``mamba_chunk_scan_combined`` with the int32 guard on every activation (the keywords and
+    defaults of :func:`mamba_cp.kernels.ssd_chunk_scan`).
 
     ``dt`` ``[B, L, H]`` is small and always made contiguous (it is usually a column view of a wide
     projection); ``seq_idx`` goes in as int32.

@@ -13,19 +13,19 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
    first ``K-1`` outputs of each segment, the ones that see the halo, are recomputed from small
    ``[halo | segment head]`` windows and written over. Halos before a sequence start are zeros.
 2. **Summaries**: each segment's final state from a zero state, ``sum_t exp(log decay after t) * dt_t *
-   outer(x_t, B_t)`` per head, as batched matmuls in the activation dtype with float32 accumulation
-   (:class:`SegmentStates`), and its total log decay ``sum(dt*A)`` per head.
+   outer(x_t, B_t)`` per head (:func:`~mamba_cp.kernels.segment_scan.segment_states`: a fused Triton kernel
+   on GPUs, float32 accumulation; its readable reference elsewhere), and its total log decay ``sum(dt*A)``.
 3. **State passing**: one all-gather of those summaries (float32, float64 for float64 input), then, per
    sequence, the state entering chunk ``c`` is ``sum_{c'<c} exp(sum_{c'<k<c} log_decay_k) * final_{c'}``.
 4. **SSD with the incoming state**: BSHD runs the kernel once on the segment rows with
    ``initial_states`` = the incoming states, which yields the exact output directly. THD runs the kernel
    with ``seq_idx`` = segment id (it takes an initial state for the first sequence only) and adds
-   ``C_t . (exp(cumsum(dt*A) through t) * h_in)`` per head (:class:`StateCorrection`: matmuls in the
-   activation dtype, float32 accumulation, one fused scale-and-add).
+   ``C_t . (exp(cumsum(dt*A) through t) * h_in)`` per head
+   (:func:`~mamba_cp.kernels.segment_scan.state_correction`, fused likewise).
 
 Everything is differentiable: torch ops, the kernels (the SSD kernel returns the gradient of its
-``initial_states``), the two matmul Functions with hand-written backward passes (``torch.bmm``'s float32
-``out_dtype`` has no autograd formula) and an autograd all-gather (backward: reduce-scatter), so the backward
+``initial_states``; the fused kernels have hand-written backward passes) and an autograd all-gather
+(backward: reduce-scatter), so the backward
 pass is exact and sends gradients of halos and summaries back to their owners. No per-token
 activation crosses ranks except the halos; ``num_heads % cp`` is unconstrained.
 
@@ -46,6 +46,7 @@ from .. import kernels
 from ..collectives import all_gather
 from ..consistency import check_ranks_agree
 from ..groups import CPGroup
+from ..kernels.segment_scan import segment_states, state_correction
 from ..kernels.ssd_reference import process_dt
 from ..plan_cache import PlanCache
 from ..segments import SegmentPlan, describe_fingerprint, segment_plan
@@ -67,152 +68,6 @@ def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # States and decays stay float32 or wider; float64 stays float64 (exact tests).
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-segment matmuls (summaries and the THD correction)
-# --------------------------------------------------------------------------------------------------
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for ``[K, m, k] @ [K, k, n]`` operands of one dtype, returned in ``out_dtype``.
-
-    Half operands on CUDA with a float32 ``out_dtype`` run on the tensor cores and return the float32
-    accumulator unrounded (``torch.bmm(..., out_dtype=torch.float32)``: CUDA-only and without an autograd
-    formula, hence the autograd Functions below). Anywhere else the operands are cast to ``out_dtype``
-    first: a no-op for float32 and float64 (the exact CPU tests), a float32 copy for half tensors on CPU.
-    """
-    if a.dtype == out_dtype:
-        return torch.bmm(a, b)
-    if a.is_cuda and a.dtype in _HALF and out_dtype == torch.float32:
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.to(out_dtype), b.to(out_dtype))
-
-
-def _scaled(x: torch.Tensor, w: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``x * w[..., None]`` rounded once to ``x.dtype`` (``w`` float32/float64): the product is formed in
-    ``w``'s precision and stored in ``x``'s, with no wide intermediate. ``in_place`` reuses ``x``."""
-    if in_place:
-        return x.mul_(w.unsqueeze(-1))
-    return torch.mul(x, w.unsqueeze(-1), out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-
-
-class SegmentStates(torch.autograd.Function):
-    """Every segment's final state from a zero state, as batched matmuls over the plan's slot grid::
-
-        final[s, h, p, n] = sum_{t in s} w[t, h] * x[t, h, p] * B[t, g(h), n]
-
-    With ``w_t = exp(sum of dt*A after t in its segment) * dt_t`` this is the SSD state at the segment's
-    end. Per group ``g`` (its ``m = H/G`` heads share ``B``), ``w * x`` is formed in the activation dtype
-    (one rounding, as mamba_ssm's chunk-state kernel does) and multiplied by ``B`` with float32
-    accumulation: ``[K, m*P, q] @ [K, q, N]`` over the slot rows, then summed over each segment's rows
-    (THD). No float32 ``[T, H, P]`` tensor is formed; the backward recomputes ``w * x`` instead of saving it.
-
-    ``apply(x, B, w, slots)``: ``x`` ``[T, H, P]``, ``B`` ``[T, G, N]`` (activation dtype, views are fine),
-    ``w`` ``[T, H]`` (float32/float64), ``slots`` the plan's :class:`~mamba_cp.segments.SlotLayout` ->
-    ``[2*S, H, P, N]`` in ``w``'s dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, B, w, slots):
-        t, h, p = x.shape
-        g, n = B.shape[1:]
-        m, k, q = h // g, slots.rows, slots.width
-        w_s = slots.to_slots_zero_pad(w)  # [K*q, H]; pad slots weigh zero
-        B_s = slots.to_slots(B)  # [K*q, G, N]
-        out = w.new_empty(slots.num_segments, g, m * p, n)
-        for j in range(g):  # groups: a model constant, not data-dependent
-            heads = slice(j * m, (j + 1) * m)
-            xw = _scaled(slots.to_slots(x[:, heads]), w_s[:, heads], in_place=not slots.slots_are_tokens)
-            rows = _bmm(xw.view(k, q, m * p).transpose(1, 2), B_s[:, j].view(k, q, n), w.dtype)  # [K, mP, N]
-            out[:, j] = slots.rows_to_segments(rows)
-        ctx.save_for_backward(x, B, w)
-        ctx.slots = slots
-        return out.view(slots.num_segments, h, p, n)
-
-    @staticmethod
-    def backward(ctx, d_final):
-        x, B, w = ctx.saved_tensors
-        slots = ctx.slots
-        t, h, p = x.shape
-        g, n = B.shape[1:]
-        m, k, q = h // g, slots.rows, slots.width
-        d_final = d_final.reshape(slots.num_segments, g, m * p, n)
-        w_s = slots.to_slots_zero_pad(w)
-        B_s = slots.to_slots(B)
-        dx = torch.empty(t, h, p, dtype=x.dtype, device=x.device)
-        dB_s = B_s.new_empty(k * q, g, n)
-        dw = torch.empty_like(w)
-        for j in range(g):
-            heads = slice(j * m, (j + 1) * m)
-            x_j = x[:, heads]  # [T, m, P]
-            xw = _scaled(slots.to_slots(x_j), w_s[:, heads], in_place=not slots.slots_are_tokens)
-            d_rows = slots.segments_to_rows(d_final[:, j]).to(x.dtype)  # [K, mP, N]
-            dB_s[:, j] = _bmm(xw.view(k, q, m * p), d_rows, x.dtype).view(k * q, n)
-            dxw = slots.to_tokens(_bmm(B_s[:, j].view(k, q, n), d_rows.transpose(1, 2), x.dtype).view(k * q, m, p))
-            dw[:, heads] = (dxw * x_j).sum(-1, dtype=w.dtype)
-            torch.mul(dxw, w[:, heads].unsqueeze(-1), out=dx[:, heads])
-        return dx, slots.to_tokens(dB_s), dw, None
-
-
-class StateCorrection(torch.autograd.Function):
-    """The output of segments that start from a nonzero state ``h_in``, given their zero-state output ``y0``::
-
-        y[t, h, p] = y0[t, h, p] + scale[t, h] * sum_n C[t, g(h), n] * h_in[seg(t), h, p, n]
-
-    with ``scale_t = exp(sum of dt*A from the segment start through t)``. Per group, ``C`` and ``h_in`` (cast
-    to the activation dtype, as the SSD kernels do with their chunk states) are multiplied with float32
-    accumulation (``[K, q, N] @ [K, N, m*P]`` over the slot rows), and the scale-and-add is one fused
-    ``addcmul`` into ``y`` in the activation dtype. The backward recomputes the product instead of saving it.
-
-    ``apply(y0, C, h_in, scale, slots)``: ``y0`` ``[T, H, P]``, ``C`` ``[T, G, N]`` (activation dtype),
-    ``h_in`` ``[2*S, H, P, N]``, ``scale`` ``[T, H]`` (float32/float64) -> ``y`` ``[T, H, P]``.
-    """
-
-    @staticmethod
-    def forward(ctx, y0, C, h_in, scale, slots):
-        t, h, p = y0.shape
-        g, n = C.shape[1:]
-        m, k, q = h // g, slots.rows, slots.width
-        C_s = slots.to_slots(C)  # [K*q, G, N]
-        h_rows = h_in.to(y0.dtype).reshape(slots.num_segments, g, m * p, n)
-        y = torch.empty(t, h, p, dtype=y0.dtype, device=y0.device)
-        for j in range(g):
-            heads = slice(j * m, (j + 1) * m)
-            hb = slots.segments_to_rows(h_rows[:, j])  # [K, mP, N]
-            corr = _bmm(C_s[:, j].view(k, q, n), hb.transpose(1, 2), scale.dtype)  # [K, q, mP]
-            corr = slots.to_tokens(corr.view(k * q, m, p))
-            torch.addcmul(y0[:, heads], corr, scale[:, heads].unsqueeze(-1), out=y[:, heads])
-        ctx.save_for_backward(C, h_in, scale)
-        ctx.slots = slots
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        C, h_in, scale = ctx.saved_tensors
-        slots = ctx.slots
-        t, h, p = dy.shape
-        g, n = C.shape[1:]
-        m, k, q = h // g, slots.rows, slots.width
-        C_s = slots.to_slots(C)
-        h_rows = h_in.to(dy.dtype).reshape(slots.num_segments, g, m * p, n)
-        scale_s = slots.to_slots_zero_pad(scale)  # [K*q, H]; pad slots get no gradient
-        dC_s = C_s.new_empty(k * q, g, n)
-        dh = h_in.new_empty(slots.num_segments, g, m * p, n)
-        dscale = torch.empty_like(scale)
-        for j in range(g):
-            heads = slice(j * m, (j + 1) * m)
-            hb = slots.segments_to_rows(h_rows[:, j])  # [K, mP, N]
-            C_j = C_s[:, j].view(k, q, n)
-            dy_s = slots.to_slots(dy[:, heads])  # [K*q, m, P]
-            corr = _bmm(C_j, hb.transpose(1, 2), scale.dtype).view(k * q, m, p)
-            dscale[:, heads] = slots.to_tokens(corr.mul_(dy_s).sum(-1))
-            dcorr = _scaled(dy_s, scale_s[:, heads], in_place=not slots.slots_are_tokens).view(k, q, m * p)
-            dC_s[:, j] = _bmm(dcorr, hb, dy.dtype).view(k * q, n)
-            dh[:, j] = slots.rows_to_segments(_bmm(dcorr.transpose(1, 2), C_j, h_in.dtype))  # [2S, mP, N]
-        return dy, slots.to_tokens(dC_s), dh.view(h_in.shape), dscale, None
 
 
 class StatePassing:
@@ -253,7 +108,6 @@ class StatePassing:
             cu_seqlens,
             halo=c.conv_kernel - 1,
             block_size=c.chunk_size,
-            state_size=c.shape.d_state,
             device=hidden_states.device,
         )
         if self.debug:
@@ -306,8 +160,8 @@ class StatePassing:
         )
 
     def _ssd_rows(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
-        """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``. Summaries by matmul, then one kernel call
-        from the incoming states. Returns ``y`` ``[2B, c, H, P]``."""
+        """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``. Summaries by the fused kernel, then one SSD
+        call from the incoming states. Returns ``y`` ``[2B, c, H, P]``."""
         s = self.shape
         rows, c = 2 * plan.batch, plan.seg_len
         cdtype = dA.dtype
@@ -318,11 +172,11 @@ class StatePassing:
         cum_RcH = token_cumsum(seg(dA).double(), dim=1)  # log decay from the segment start through each token
         log_decay_RH = cum_RcH[:, -1]
         weight_RcH = (log_decay_RH[:, None] - cum_RcH).to(cdtype).exp() * seg(dt_p)  # exp(decay after t) * dt_t
-        final = SegmentStates.apply(
+        final = segment_states(
             x.reshape(rows * c, s.num_heads, s.head_dim),
             B.reshape(rows * c, s.n_groups, s.d_state),
             weight_RcH.view(rows * c, s.num_heads),
-            plan.slots,
+            plan.work,
         )  # [2B, H, P, N]
         h_in = self.incoming_states(
             final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
@@ -330,8 +184,8 @@ class StatePassing:
         return self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), params, initial_states=h_in.reshape(final.shape))
 
     def _ssd_packed(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
-        """THD: one kernel call with ``seq_idx`` = segment id, summaries and the correction by matmuls over
-        the plan's slot grid (segments padded to whole rows). Returns ``y`` ``[1, T_local, H, P]``."""
+        """THD: one SSD call with ``seq_idx`` = segment id, then the summaries and the correction by the fused
+        kernels over the segments' token ranges. Returns ``y`` ``[1, T_local, H, P]``."""
         s, pk = self.shape, plan.packed
         assert pk is not None
         t_local, cdtype = plan.local_len, dA.dtype
@@ -346,12 +200,12 @@ class StatePassing:
         after_TH = log_decay_SH.index_select(0, pk.token_seg) - through_TH  # after t to segment end
 
         weight_TH = after_TH.to(cdtype).exp() * dt_p[0]
-        final = SegmentStates.apply(x[0].view(heads), B[0].view(groups), weight_TH, plan.slots)  # [2S, H, P, N]
+        final = segment_states(x[0].view(heads), B[0].view(groups), weight_TH, plan.work)  # [2S, H, P, N]
         h_in = self.incoming_states(
             final.view(plan.num_seqs, 2, *final.shape[1:]), log_decay_SH.to(cdtype).view(plan.num_seqs, 2, -1), plan
         )
-        y = StateCorrection.apply(
-            y0[0], C[0].view(groups), h_in.reshape(final.shape), through_TH.to(cdtype).exp(), plan.slots
+        y = state_correction(
+            y0[0], C[0].view(groups), h_in.reshape(final.shape), through_TH.to(cdtype).exp(), plan.work
         )
         return y[None]
 
