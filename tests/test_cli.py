@@ -1,5 +1,7 @@
 """The ``mamba-cp`` command: demo and verify run real gloo processes and report exactness."""
 
+import pytest
+
 from mamba_cp import cli
 
 
@@ -30,3 +32,43 @@ def test_plan_prints_bytes(capsys):
     assert cli.main(["plan", "--cp", "2"]) == 0
     out = capsys.readouterr().out
     assert "hidden (ours)" in out and "NeMo AutoModel 0.7" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["verify", "--cp", "0"], "argument --cp: must be an integer >= 1, got 0"),
+        (["verify", "--cp", "-2"], "argument --cp: must be an integer >= 1, got -2"),
+        (["verify", "--seqlen", "0"], "argument --seqlen: must be an integer >= 1, got 0"),
+        (["verify", "--layout", "thd", "--seqlens", "8,0,16"], "argument --seqlens: each value of '8,0,16' must be"),
+        (["verify", "--seqlens", "8,,16"], "argument --seqlens: must be a comma-separated list of integers >= 1"),
+        (["verify", "--heads", "0"], "argument --heads: must be an integer >= 1, got 0"),
+        (["verify", "--batch", "-1"], "argument --batch: must be an integer >= 1, got -1"),
+        (["verify", "--chunk", "0"], "argument --chunk: must be an integer >= 1, got 0"),
+        (["verify", "--cp", "two"], "argument --cp: must be an integer >= 1, got 'two'"),
+        (["plan", "--cp", "0"], "argument --cp: each value of '0' must be an integer >= 1, got 0"),
+        (["plan", "--cp", "2,0,8"], "argument --cp: each value of '2,0,8' must be an integer >= 1, got 0"),
+        (["plan", "--cp", "2,-4"], "argument --cp: each value of '2,-4' must be an integer >= 1, got -4"),
+        (["plan", "--heads", "0"], "argument --heads: must be an integer >= 1, got 0"),
+        (["plan", "--tokens", "-5"], "argument --tokens: must be an integer >= 1, got -5"),
+        (["plan", "--dtype-bytes", "0"], "argument --dtype-bytes: must be an integer >= 1, got 0"),
+    ],
+)
+def test_sizes_below_one_are_refused_with_the_rule(argv, message, capsys):
+    """No rank is started and nothing divides by zero: the option, the rule and the value are named."""
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert f"mamba-cp {argv[0]}: error:" in captured.err
+    assert "PASS" not in captured.out
+
+
+def test_plan_takes_a_list_of_cp_sizes(capsys):
+    assert cli.main(["plan", "--cp", "1,3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("hidden (ours)")]
+    assert [row[2] for row in rows] == ["1", "3"]
+
+
+def test_subcommand_help_returns_zero(capsys):
+    assert cli.main(["plan", "--help"]) == 0
+    assert "each >= 1" in capsys.readouterr().out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .document_attention import DEFAULT_BLOCK_SIZE, document_mask
-from .groups import resolve_cp_group
+from .groups import GroupRef, resolve_cp_group
 from .layout import TokenPlan, token_plan
 from .plan_cache import PlanCache
 from .transport import heads_to_seq, seq_to_heads
@@ -44,9 +44,18 @@ class UlyssesAttention:
     ``cp % H_kv == 0``.
     """
 
+    @property
+    def cp_group(self):
+        """The CP process group (held weakly: see :class:`~mamba_cp.groups.GroupRef`)."""
+        return self._cp_group()
+
+    @cp_group.setter
+    def cp_group(self, group) -> None:
+        self._cp_group = GroupRef(group)
+
     def __init__(self, cp_group, num_heads: int, num_kv_heads: int, plan_cache: PlanCache | None = None) -> None:
         group = resolve_cp_group(cp_group)
-        self.cp_group = group.group
+        self._cp_group = group.ref  # weakly (see GroupRef)
         self.cp_size = group.size
         self.cp_rank = group.rank
         self.num_heads = num_heads

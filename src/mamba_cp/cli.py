@@ -87,24 +87,51 @@ def demo(argv: Sequence[str] | None = None) -> int:
     return 0 if ok else 1
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a CP size, a length, a head count...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: a comma-separated list of integers, each >= 1 (``"2,4,8"``)."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers >= 1, got {text!r}")
+    values = []
+    for item in items:
+        try:
+            values.append(positive_int(item))
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"each value of {text!r} {err}") from None
+    return values
+
+
 def verify(argv: Sequence[str] | None = None) -> int:
     """Parity of any configuration; exit status 1 if any difference is above the dtype's tolerance."""
     from .testing.parity import ParityCase
 
     p = argparse.ArgumentParser(prog="mamba-cp verify", description=verify.__doc__)
-    p.add_argument("--cp", type=int, default=2, help="CP size (ignored under torchrun: the world size is used)")
+    p.add_argument(
+        "--cp", type=positive_int, default=2, help="CP size >= 1 (ignored under torchrun: the world size is used)"
+    )
     p.add_argument("--layout", choices=["bshd", "thd"], default="bshd")
     p.add_argument("--strategy", default="hidden")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seqlen", type=int, default=64, help="BSHD sequence length (a multiple of 2*cp)")
-    p.add_argument("--seqlens", type=str, default="16,8,24", help="THD lengths, comma-separated")
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=4)
-    p.add_argument("--groups", type=int, default=2)
-    p.add_argument("--state", type=int, default=8)
-    p.add_argument("--conv", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seqlen", type=positive_int, default=64, help="BSHD sequence length (a multiple of 2*cp)")
+    p.add_argument("--seqlens", type=positive_int_list, default=[16, 8, 24], help="THD lengths, comma-separated")
+    p.add_argument("--hidden", type=positive_int, default=16)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=4)
+    p.add_argument("--groups", type=positive_int, default=2)
+    p.add_argument("--state", type=positive_int, default=8)
+    p.add_argument("--conv", type=positive_int, default=4)
+    p.add_argument("--chunk", type=positive_int, default=8)
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +140,7 @@ def verify(argv: Sequence[str] | None = None) -> int:
         layout=args.layout,
         batch=args.batch,
         seqlen=args.seqlen,
-        seqlens=[int(s) for s in args.seqlens.split(",") if s],
+        seqlens=args.seqlens,
         hidden_size=args.hidden,
         num_heads=args.heads,
         head_dim=args.head_dim,
@@ -134,24 +161,31 @@ def verify(argv: Sequence[str] | None = None) -> int:
 
 
 def bench(argv: Sequence[str] | None = None) -> int:
-    """Run ``benchmarks/bench_mixer.py`` (from a source checkout) with the given arguments."""
+    """Run ``benchmarks/bench_mixer.py`` (from a source checkout) with the given arguments; with ``--simulate``,
+    ``benchmarks/simulate_rank.py`` instead (one CP rank per row on one device, under a fake process group)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mixer.py"
+    argv = list(argv) if argv is not None else []
+    simulate = "--simulate" in argv
+    if simulate:
+        argv = [a for a in argv if a != "--simulate"]
+    name = "simulate_rank" if simulate else "bench_mixer"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     if not path.exists():
         print(f"mamba-cp bench needs a source checkout: {path} not found", file=sys.stderr)
         return 2
-    if "RANK" not in os.environ:
+    if not simulate and "RANK" not in os.environ:
         print(
             "mamba-cp bench: not launched by torchrun, so only the cp=1 rows run; for cp=N use "
-            "`torchrun --standalone --nproc-per-node N -m mamba_cp.cli bench ...`",
+            "`torchrun --standalone --nproc-per-node N -m mamba_cp.cli bench ...`, or simulate one rank of cp=N "
+            "on one device with `mamba-cp bench --simulate ...`",
             file=sys.stderr,
         )
-    spec = importlib.util.spec_from_file_location("bench_mixer", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return int(module.main(list(argv) if argv is not None else []) or 0)
+    return int(module.main(argv) or 0)
 
 
 def plan(argv: Sequence[str] | None = None) -> int:
@@ -160,13 +194,13 @@ def plan(argv: Sequence[str] | None = None) -> int:
     from .traffic import STRATEGY_BYTES
 
     p = argparse.ArgumentParser(prog="mamba-cp plan", description=plan.__doc__)
-    p.add_argument("--heads", type=int, default=128)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--state", type=int, default=128)
-    p.add_argument("--tokens", type=int, default=131072, help="global tokens B*L (or T)")
-    p.add_argument("--cp", type=str, default="2,4,8")
-    p.add_argument("--dtype-bytes", type=int, default=2)
+    p.add_argument("--heads", type=positive_int, default=128)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--groups", type=positive_int, default=8)
+    p.add_argument("--state", type=positive_int, default=128)
+    p.add_argument("--tokens", type=positive_int, default=131072, help="global tokens B*L (or T)")
+    p.add_argument("--cp", type=positive_int_list, default=[2, 4, 8], help="CP sizes, comma-separated, each >= 1")
+    p.add_argument("--dtype-bytes", type=positive_int, default=2)
     args = p.parse_args(argv)
     dims = SSMShape(args.heads, args.head_dim, args.groups, args.state)
     names = {"hidden": "hidden (ours)", "state_passing": "state passing (ours)", "nemo_automodel": "NeMo AutoModel 0.7"}
@@ -176,7 +210,7 @@ def plan(argv: Sequence[str] | None = None) -> int:
     )
     print(f"{'strategy':<22} {'cp':>3} {'MB off-rank per rank per layer (fwd)':>38}")
     for key, fn in STRATEGY_BYTES.items():
-        for cp in (int(c) for c in args.cp.split(",")):
+        for cp in args.cp:
             off = fn(dims, args.tokens, cp, args.dtype_bytes)["off_rank"]
             print(f"{names[key]:<22} {cp:>3} {off / 1e6:>38.1f}")
     return 0
@@ -186,6 +220,8 @@ COMMANDS = {"demo": demo, "verify": verify, "bench": bench, "plan": plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mamba-cp COMMAND [options]``; returns the exit status (2 for bad options or a refused configuration,
+    with the reason on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: mamba-cp {demo,verify,bench,plan} [options]   (mamba-cp COMMAND --help for options)")
@@ -195,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # a configuration the library refuses: say why, no traceback
         print(f"mamba-cp {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as stop:  # argparse: a bad option (2, message printed) or --help (0); a status to return
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

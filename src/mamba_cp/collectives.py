@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .groups import UNPICKLED_GROUP
+from .groups import UNPICKLED_GROUP, GroupRef
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -102,12 +102,12 @@ class AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+        ctx.group = GroupRef(group)  # weakly: a graph kept alive must not keep the group alive
         return all_to_all(input_, group, "forward")
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return all_to_all(grad_output, ctx.group, "backward"), None
+        return all_to_all(grad_output, ctx.group(), "backward"), None
 
 
 class _AllGather(torch.autograd.Function):
@@ -116,7 +116,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+        ctx.group = GroupRef(group)  # weakly: a graph kept alive must not keep the group alive
         size = dist.get_world_size(group)
         out = flat.new_empty(size * flat.numel())
         try:
@@ -127,11 +127,11 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out = grad.new_empty(grad.shape[1])
+        out, group = grad.new_empty(grad.shape[1]), ctx.group()
         try:
-            _reduce_scatter_single(out, grad.contiguous().view(-1), group=ctx.group)
+            _reduce_scatter_single(out, grad.contiguous().view(-1), group=group)
         except RuntimeError as err:
-            raise collective_error(err, ctx.group, "reduce-scatter", "backward", grad.shape) from err
+            raise collective_error(err, group, "reduce-scatter", "backward", grad.shape) from err
         return out, None
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -12,17 +13,68 @@ except ImportError:  # pragma: no cover - very old torch
     DeviceMesh = None  # type: ignore[assignment,misc]
 
 
-@dataclass(frozen=True, slots=True)
-class CPGroup:
-    """A context-parallel process group with its size and this process's rank inside it."""
+class GroupRef:
+    """Holds a CP group for a module or an autograd ``ctx``; call it to get the group.
 
-    group: dist.ProcessGroup | None
-    """The process group the collectives run on (None only when ``size == 1`` and no group exists; a stand-in
-    object with only ``size()`` and ``rank()`` when one was given)."""
+    A ``torch.distributed`` ``ProcessGroup`` is held only weakly. ``torch.distributed`` owns every group it made
+    until ``destroy_process_group``; a group that our objects (a parallelized model, an autograd graph kept by a
+    script's globals) kept alive past that call would keep its backend's worker threads running into
+    interpreter shutdown, where a gloo worker still releasing its last finished ``Work`` must take the GIL to
+    free the Work's tensors and is ended inside a noexcept destructor: ``terminate called without an active
+    exception``, SIGABRT. ``None`` and stand-ins (objects with only ``size()`` and ``rank()``) are held as they
+    are.
+    """
+
+    __slots__ = ("_weak", "_strong")
+
+    def __init__(self, group: object) -> None:
+        weak = isinstance(group, dist.ProcessGroup)
+        self._weak = weakref.ref(group) if weak else None
+        self._strong = None if weak else group
+
+    def __call__(self) -> object:
+        if self._weak is None:
+            return self._strong
+        group = self._weak()
+        if group is None:  # never None silently: c10d would take None for the default (WORLD) group
+            raise RuntimeError(
+                "mamba_cp: the CP process group no longer exists (torch.distributed.destroy_process_group was "
+                "called, or the group was never registered with torch.distributed)"
+            )
+        return group
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupRef) and self() is other()
+
+    def __hash__(self) -> int:
+        return id(self())
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class CPGroup:
+    """A context-parallel process group with its size and this process's rank inside it.
+
+    ``CPGroup(group=..., size=..., rank=...)``; the group is held through a :class:`GroupRef` (weakly for a
+    ``ProcessGroup``), so a model does not keep its group alive past ``destroy_process_group``.
+    """
+
     size: int
     """Number of ranks the sequence is sharded over."""
     rank: int
-    """This process's rank inside ``group`` (0 ≤ rank < size)."""
+    """This process's rank inside ``group`` (0 <= rank < size)."""
+    ref: GroupRef = field(repr=False)
+    """Holds the group; :attr:`group` reads it."""
+
+    def __init__(self, group: object, size: int, rank: int) -> None:
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "ref", GroupRef(group))
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group the collectives run on (None only when ``size == 1`` and no group exists; a
+        stand-in object with only ``size()`` and ``rank()`` when one was given)."""
+        return self.ref()
 
     def __deepcopy__(self, memo: dict) -> CPGroup:
         # A process group is a live connection, not data: a copy of a model (an EMA copy, say) runs on the same

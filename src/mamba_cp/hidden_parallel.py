@@ -39,7 +39,7 @@ import torch
 
 from . import layout
 from .collectives import AllToAll
-from .groups import resolve_cp_group
+from .groups import GroupRef, resolve_cp_group
 from .strategies.hidden import HeadShard
 from .validation import ConfigError, as_cu_seqlens, check_cu_seqlens, check_divisible
 
@@ -150,9 +150,18 @@ class MambaContextParallel:
     or the groups do not split: ``cp % G`` when ``G < cp``, ``G % cp`` when ``G >= cp``.
     """
 
+    @property
+    def cp_group(self):
+        """The CP process group (held weakly: see :class:`~mamba_cp.groups.GroupRef`)."""
+        return self._cp_group()
+
+    @cp_group.setter
+    def cp_group(self, group) -> None:
+        self._cp_group = GroupRef(group)
+
     def __init__(self, cp_group, num_heads: int, head_dim: int, n_groups: int, d_state: int, mixer) -> None:
         group = resolve_cp_group(cp_group)
-        self.cp_group = group.group
+        self._cp_group = group.ref  # weakly (see GroupRef)
         self.cp_size = group.size
         self.cp_rank = group.rank
         self.num_heads = num_heads

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import start_all_to_all
+from .groups import GroupRef
 from .layout import TokenPlan
 
 
@@ -109,7 +110,7 @@ class ProjectScatter(torch.autograd.Function):
         if plan.to_sequence is not None:  # rank-major -> true order (head-tail undo, packed interleave)
             out = out.index_select(0, plan.to_sequence)
         ctx.save_for_backward(h_TD, weight)
-        ctx.layout, ctx.plan, ctx.group, ctx.has_bias = layout, plan, group, bias is not None
+        ctx.layout, ctx.plan, ctx.group, ctx.has_bias = layout, plan, GroupRef(group), bias is not None
         return z, out
 
     @staticmethod
@@ -122,7 +123,7 @@ class ProjectScatter(torch.autograd.Function):
         if plan.to_ranks is not None:
             dsend = dsend.index_select(0, plan.to_ranks)
         dsend = dsend.view(cp, tokens, wl)
-        drecv, pending = start_all_to_all(dsend, ctx.group, "backward")
+        drecv, pending = start_all_to_all(dsend, ctx.group(), "backward")
         # While the x|B|C|dt gradients travel home: dh of z (all rows; GatherGate passed dz through).
         dh = torch.mm(dz, weight[: layout.z_width]) if need_h else None
         # The z rows' weight/bias gradients are GatherGate's: zeros here.
@@ -164,7 +165,7 @@ class GatherGate(torch.autograd.Function):
         pending.wait()
         ctx.mark_dirty(z_TW)
         ctx.save_for_backward(h_TD, weight)
-        ctx.layout, ctx.plan, ctx.group, ctx.has_bias = layout, plan, group, bias is not None
+        ctx.layout, ctx.plan, ctx.group, ctx.has_bias = layout, plan, GroupRef(group), bias is not None
         return recv.transpose(0, 1).reshape(tokens, cp * width), z_TW
 
     @staticmethod
@@ -174,7 +175,7 @@ class GatherGate(torch.autograd.Function):
         cp, tokens = plan.cp_size, h_TD.shape[0]
         width = dy.shape[-1] // cp
         dsend = dy.reshape(tokens, cp, width).transpose(0, 1).contiguous()
-        drecv, pending = start_all_to_all(dsend, ctx.group, "backward")
+        drecv, pending = start_all_to_all(dsend, ctx.group(), "backward")
         # While dy travels to the heads: the weight and bias gradients of z.
         dweight = dbias = None
         if ctx.needs_input_grad[3]:
