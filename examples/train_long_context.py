@@ -1,9 +1,13 @@
 """Train a small NemotronH hybrid (Mamba2 + attention) with and without context parallelism; compare the losses.
 
-The model is built from a config (no download): Mamba2, attention, MLP, Mamba2, MLP layers. Every step shards
-one batch over the CP ranks with ``mamba_cp.shard`` (BSHD, or packed THD with ``--packed``), runs forward and
-backward, sums the gradients over the CP group and takes an AdamW step. Rank 0 then trains an identical copy
-without CP on the whole batches, and prints both loss curves side by side.
+The model is built from a config (no download): Mamba2, attention, MLP, Mamba2, MLP layers. Every step hands one
+global batch, as a collator returns it (BSHD rows, or with ``--packed`` one row of documents described by
+``position_ids`` restarting per document, as transformers' ``DataCollatorWithFlattening`` makes it), to
+``mamba_cp.shard_batch``, which cuts this rank's share (labels shifted in true order, the global target count),
+runs forward and backward inside its batch context with the model's own ``labels=`` loss, sums the gradients over
+the CP group and takes an AdamW step; the logged loss is ``batch.global_loss(loss)``. Rank 0 then trains an
+identical copy without CP on the whole batches with the same code (``cp_group=1``), and prints both loss curves
+side by side.
 
 CPU (spawns its own gloo ranks, float64; the curves agree to float64 rounding)::
 
@@ -16,7 +20,8 @@ at 8192 tokens, BSHD and packed)::
 
 Gradients are summed over the CP group by ``mamba_cp.all_reduce_gradients`` in :func:`sync_gradients`; with
 ``--fsdp`` the CP model is sharded by FSDP2 over the CP ranks instead (CP folded into the shard axis, as
-torchtitan does), and FSDP's reduce-scatter does the sum.
+torchtitan does), and FSDP's reduce-scatter does the sum once ``mamba_cp.set_fsdp_gradient_divide_factor`` has
+told it to divide by the data-parallel size (1 here) instead of the mesh size.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 import mamba_cp
@@ -46,11 +50,11 @@ class TrainConfig:
     steps: int = 12
     """Optimizer steps."""
     seq_len: int = 64
-    """Tokens per row (BSHD) or in the whole pack (THD); a multiple of 2*cp (and of 4*cp with --packed)."""
+    """Tokens per row (BSHD) or in the whole pack; a multiple of 2*cp (and of 4*cp with --packed)."""
     batch: int = 2
     """Rows per step (BSHD)."""
     packed: bool = False
-    """Pack sequences of unequal lengths into one row (THD with cu_seqlens) instead of BSHD rows."""
+    """Pack documents of unequal lengths into one row (position_ids restarting per document) instead of BSHD rows."""
     dtype: str = "float64"
     """Parameter dtype: float64 (CPU exactness) or bfloat16 (GPU)."""
     lr: float = 1e-2
@@ -65,7 +69,9 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> NemotronHForCausalLM:
-    """A small NemotronH with two Mamba2 layers and one attention layer, seeded identically on every rank."""
+    """A small NemotronH with two Mamba2 layers and one attention layer, seeded identically on every rank, in
+    float32 (or float64): :func:`worker` casts it after ``parallelize``, which keeps ``A_log``, ``D`` and ``dt_bias``
+    in float32 under a bf16 cast."""
     torch.manual_seed(cfg.seed)
     config = NemotronHConfig(
         vocab_size=cfg.vocab_size,
@@ -84,34 +90,38 @@ def build_model(cfg: TrainConfig, device: torch.device) -> NemotronHForCausalLM:
         attn_implementation="sdpa",
         use_cache=False,
     )
-    return NemotronHForCausalLM(config).to(device=device, dtype=getattr(torch, cfg.dtype))
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    return NemotronHForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def make_batch(cfg: TrainConfig, step: int, device: torch.device):
-    """Synthetic sequences ``x_t = (start + t * stride) mod V``: learnable, so the loss falls.
+def make_batch(cfg: TrainConfig, step: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The global batch of a step, as a collator returns it, from sequences ``x_t = (start + t * stride) mod V``
+    (learnable, so the loss falls).
 
-    Returns global ``input_ids`` and next-token ``labels`` (``-100`` on each sequence's last token) of shape
-    ``[B, L]`` (or ``[1, T]`` packed) and the packed batch's ``cu_seqlens`` (None for BSHD).
+    BSHD: ``input_ids`` and ``labels`` ``[B, L]`` (labels unshifted, transformers' convention). ``--packed``: one
+    row ``[1, T]`` of two documents of unequal lengths with ``position_ids`` restarting at 0 per document and
+    ``-100`` on each document's first label, as ``DataCollatorWithFlattening`` makes it.
     """
     gen = torch.Generator().manual_seed(1000 + step)
     if cfg.packed:
-        unit = 4 * cfg.cp  # two sequences of unequal lengths, each a multiple of 2*cp
+        unit = 4 * cfg.cp  # two documents of unequal lengths, each a multiple of 2*cp
         if cfg.seq_len % unit or cfg.seq_len < 2 * unit:
             raise ValueError(f"--packed needs --seq-len a multiple of 4*cp ({unit}), at least {2 * unit}")
         first = unit * int(torch.randint(1, cfg.seq_len // unit, (), generator=gen))
         lengths = [first, cfg.seq_len - first]
     else:
         lengths = [cfg.seq_len] * cfg.batch
-    rows, labels = [], []
+    rows = []
     for n in lengths:
         start, stride = torch.randint(0, cfg.vocab_size, (2,), generator=gen).tolist()
-        seq = (start + torch.arange(n) * (stride % 7 + 1)) % cfg.vocab_size
-        rows.append(seq)
-        labels.append(torch.cat([seq[1:], torch.tensor([-100])]))  # shifted globally, before sharding
-    if cfg.packed:
-        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        return torch.cat(rows)[None].to(device), torch.cat(labels)[None].to(device), cu_seqlens.to(device)
-    return torch.stack(rows).to(device), torch.stack(labels).to(device), None
+        rows.append((start + torch.arange(n) * (stride % 7 + 1)) % cfg.vocab_size)
+    if not cfg.packed:
+        ids = torch.stack(rows).to(device)
+        return {"input_ids": ids, "labels": ids.clone()}
+    ids = torch.cat(rows)[None]
+    labels = torch.cat([torch.cat([torch.tensor([-100]), r[1:]]) for r in rows])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
 
 
 def sync_gradients(model: torch.nn.Module, cp_group, fsdp: bool) -> None:
@@ -120,10 +130,11 @@ def sync_gradients(model: torch.nn.Module, cp_group, fsdp: bool) -> None:
         mamba_cp.all_reduce_gradients(model, cp_group)
 
 
-def shard_with_fsdp(model: NemotronHForCausalLM, cp_size: int, device: torch.device) -> None:
+def shard_with_fsdp(model: NemotronHForCausalLM, cp_group, cp_size: int, device: torch.device) -> None:
     """FSDP2 over the CP ranks: each block and the root are ``fully_shard``-ed on a 1-D mesh of the CP group
-    (with data parallelism too, this is the flattened ``dp x cp`` mesh). FSDP averages gradients over the
-    shard group, so the loss is scaled by ``cp`` to get the CP sum (see :func:`train`)."""
+    (with data parallelism too, this is the flattened ``dp x cp`` mesh). FSDP divides the reduced gradients by
+    its mesh size by default; under CP they must be summed over the CP ranks, so the divide factor becomes
+    ``mesh size / cp`` (the data-parallel size, 1 here)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -131,38 +142,23 @@ def shard_with_fsdp(model: NemotronHForCausalLM, cp_size: int, device: torch.dev
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    mamba_cp.set_fsdp_gradient_divide_factor(model, cp_group)
 
 
 def train(model: torch.nn.Module, cfg: TrainConfig, cp_group, device: torch.device) -> list[float]:
     """``cfg.steps`` AdamW steps; returns the global mean next-token loss of every step."""
-    group = mamba_cp.resolve_cp_group(cp_group)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = []
     for step in range(cfg.steps):
-        input_ids, labels, cu_seqlens = make_batch(cfg, step, device)
-        # This rank's head-tail shard of the batch (every rank of the group reads the same global batch).
-        ids_local = mamba_cp.shard(input_ids, group.size, group.rank, seq_dim=1, cu_seqlens=cu_seqlens)
-        labels_local = mamba_cp.shard(labels, group.size, group.rank, seq_dim=1, cu_seqlens=cu_seqlens)
-        # Every layer reads the batch's layout from the context; backward stays inside it too, since activation
-        # checkpointing re-runs layers' forwards during backward.
-        with mamba_cp.batch_context(cu_seqlens=cu_seqlens, cp_group=group):
-            logits = model(input_ids=ids_local).logits
-            loss_sum = F.cross_entropy(
-                logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
-                labels_local.flatten(),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            loss = loss_sum / (labels != -100).sum()  # global token count: the ranks' losses sum to the mean
-            # FSDP2 averages gradients over its shard group (the CP ranks here): scale to get their sum.
-            (loss * group.size if cfg.fsdp else loss).backward()
-        sync_gradients(model, group, cfg.fsdp)
+        # Every rank of the CP group reads the same global batch; shard_batch cuts this rank's share (labels
+        # shifted in true order, the global target count, the pack's cu_seqlens from its position_ids).
+        with mamba_cp.shard_batch(make_batch(cfg, step, device), cp_group) as batch:
+            loss = model(**batch.inputs).loss  # this rank's summed loss over the global target count
+            loss.backward()  # inside the block: activation checkpointing re-runs layers here
+        sync_gradients(model, cp_group, cfg.fsdp)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total = loss.detach().clone()
-        if group.size > 1:
-            dist.all_reduce(total, group=group.group)
-        losses.append(total.item())
+        losses.append(batch.global_loss(loss).item())  # the ranks' losses sum to the batch's mean loss
     return losses
 
 
@@ -177,15 +173,17 @@ def worker(rank: int, world_size: int, cfg_dict: dict) -> tuple[list[float], lis
     with precision:
         model = build_model(cfg, device)
         reference = copy.deepcopy(model)
-        mamba_cp.parallelize(model, dist.group.WORLD)
+        # Cast after parallelize: the converted mixers keep A_log, D and dt_bias in float32.
+        mamba_cp.parallelize(model, dist.group.WORLD).to(getattr(torch, cfg.dtype))
         if cfg.fsdp:
-            shard_with_fsdp(model, world_size, device)
+            shard_with_fsdp(model, dist.group.WORLD, world_size, device)
         cp_losses = train(model, cfg, dist.group.WORLD, device)
         del model
         dist.barrier()
         if rank != 0:
             return None
-        ref_losses = train(mamba_cp.parallelize(reference, 1), TrainConfig(**{**cfg_dict, "fsdp": False}), None, device)
+        reference = mamba_cp.parallelize(reference, 1).to(getattr(torch, cfg.dtype))
+        ref_losses = train(reference, TrainConfig(**{**cfg_dict, "fsdp": False}), 1, device)
     return cp_losses, ref_losses
 
 
@@ -230,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
     parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--packed", action="store_true", help="pack two sequences per step (THD, cu_seqlens)")
+    parser.add_argument("--packed", action="store_true", help="pack two documents per step (restarting position_ids)")
     parser.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default=defaults.dtype)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)

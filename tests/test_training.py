@@ -50,6 +50,8 @@ def _fsdp_worker(rank, world, dp, cp):
     for layer in model.layers:
         fully_shard(layer, mesh=shard_mesh)
     fully_shard(model, mesh=shard_mesh)
+    # FSDP2 divides by dp*cp by default; the true gradient is the mean over dp of the sum over cp: divide by dp.
+    assert mamba_cp.set_fsdp_gradient_divide_factor(model, mesh["cp"]) == dp
     sharded_params = {n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"}
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
@@ -57,8 +59,7 @@ def _fsdp_worker(rank, world, dp, cp):
     xs = torch.randn(dp, 2, 16, 8, generator=gen, dtype=torch.float64)
     ws = torch.randn(dp, 2, 16, 8, generator=gen, dtype=torch.float64)
     d, c = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
-    # FSDP averages over dp*cp ranks; the true gradient is the mean over dp of the sum over cp: scale by cp.
-    loss = (model(mamba_cp.shard(xs[d], cp, c)) * mamba_cp.shard(ws[d], cp, c)).sum() * cp
+    loss = (model(mamba_cp.shard(xs[d], cp, c)) * mamba_cp.shard(ws[d], cp, c)).sum()
     loss.backward()
     opt.step()
 

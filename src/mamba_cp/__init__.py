@@ -3,6 +3,8 @@
 ``parallelize(model, cp_group)`` makes every :class:`Mamba2Mixer` in a model context-parallel (transformers'
 Mamba2 models and Mamba2 / attention hybrids too, attention layers included; :func:`batch_context` carries a
 packed batch's ``cu_seqlens`` to every layer); :mod:`mamba_cp.sharding` cuts batches into the head-tail layout;
+:func:`shard_batch` cuts a global training batch (labels shifted in true order, the global target count, packs by
+``cu_seqlens`` or restarting ``position_ids``) into what each rank passes to a parallelized transformers model;
 :mod:`mamba_cp.hidden_parallel` is NeMo AutoModel's ``mamba_cp`` module (``MambaContextParallel`` and the
 transport / layout functions, the underscore names too), also re-exported here.
 """
@@ -39,6 +41,15 @@ from .plan_cache import PlanCache
 from .segments import SegmentPlan, build_segment_plan
 from .sharding import gather_sequence, shard, unshard
 from .strategies import HiddenParallel, LocalStrategy, StatePassing, Strategy
+from .training import (
+    ShardedBatch,
+    count_targets,
+    cu_seqlens_from_position_ids,
+    global_loss,
+    set_fsdp_gradient_divide_factor,
+    shard_batch,
+    shift_labels,
+)
 from .transport import heads_to_seq, seq_to_heads
 from .validation import ConfigError
 
@@ -56,6 +67,7 @@ __all__ = [
     "MambaContextParallel",
     "PlanCache",
     "SegmentPlan",
+    "ShardedBatch",
     "StatePassing",
     "Strategy",
     "TokenPlan",
@@ -68,10 +80,13 @@ __all__ = [
     "batch_context",
     "build_segment_plan",
     "build_token_plan",
+    "count_targets",
+    "cu_seqlens_from_position_ids",
     "current_batch",
     "deinterleave_packed_seqs",
     "find_mixers",
     "gather_sequence",
+    "global_loss",
     "heads_to_seq",
     "parallelize",
     "redo_attention_load_balancing",
@@ -79,7 +94,10 @@ __all__ = [
     "reorder_chunks",
     "resolve_cp_group",
     "seq_to_heads",
+    "set_fsdp_gradient_divide_factor",
     "shard",
+    "shard_batch",
+    "shift_labels",
     "undo_attention_load_balancing",
     "unshard",
     "_AllToAll",

@@ -7,16 +7,19 @@ A training step sets it once and every layer reads it::
 
     with mamba_cp.batch_context(cu_seqlens=cu_seqlens, cp_group=group) as batch:
         ids_local = batch.shard(input_ids)                   # [1, T_local] (or mamba_cp.shard)
-        logits = model(ids_local).logits                     # Mamba and attention layers read the context
-        loss_fn(logits, batch.shard(labels)).backward()      # inside: checkpointing re-runs forwards here
+        out = model(input_ids=ids_local, labels=batch.shard(input_ids))  # layers read the context
+        out.loss.backward()                                  # inside: checkpointing re-runs forwards here
 
-Layers read only ``cu_seqlens`` from it (the global boundaries of a packed batch): the Mamba mixers stop their
-conv and scan at sequence boundaries, attention layers build a block-diagonal causal mask (once per batch) and
-models with rotary embeddings get every token's position inside its own sequence. BSHD batches need no
-context. It lives in a ``contextvars.ContextVar`` (nested blocks restore the outer batch; concurrent tasks and
-threads keep their own); a thread that has none of its own, such as the autograd engine's device threads that
-run backward (and with activation checkpointing, layers' forwards again), sees the innermost block still open
-in the process. So keep backward inside the block.
+(:func:`mamba_cp.shard_batch` opens one for a whole global batch, see :mod:`mamba_cp.training`.) Layers read only
+``cu_seqlens`` from it (the global boundaries of a packed batch): the Mamba mixers stop their conv and scan at
+sequence boundaries, attention layers build a block-diagonal causal mask (once per batch) and models with rotary
+embeddings get every token's position inside its own sequence. A parallelized transformers model's pre-hook also
+checks the local length against :attr:`BatchContext.seq_len` (or the lengths :meth:`BatchContext.shard` cut), so
+the whole batch passed where this rank's shard belongs raises. BSHD batches need no context. It lives in a
+``contextvars.ContextVar`` (nested blocks restore the outer batch; concurrent tasks and threads keep their own); a
+thread that has none of its own, such as the autograd engine's device threads that run backward (and with
+activation checkpointing, layers' forwards again), sees the innermost block still open in the process. So keep
+backward inside the block.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,7 +41,7 @@ _OPEN: list[BatchContext] = []
 """Blocks open in this process, innermost last: what threads without a context of their own see."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class BatchContext:
     """One batch's layout, shared by every layer of a step (see :func:`batch_context`)."""
 
@@ -46,6 +49,12 @@ class BatchContext:
     """``[S + 1]`` int32/int64 *global* boundaries of a packed batch (None for BSHD)."""
     cp_group: CPGroup
     """The CP group the batch is sharded over (size 1 when CP is off)."""
+    seq_len: int | None = None
+    """Global tokens per row: BSHD ``L`` when known (given to :func:`batch_context` or by
+    :func:`mamba_cp.shard_batch`), packed ``T`` (``cu_seqlens[-1]``); None when unknown."""
+    shard_lengths: set[int] = field(default_factory=set, compare=False, repr=False)
+    """Global lengths :meth:`shard` has cut in this block (BSHD): a model call whose local length times ``cp``
+    is none of them was given a tensor that was not sharded (:meth:`check_local_length`)."""
 
     @property
     def packed(self) -> bool:
@@ -58,9 +67,35 @@ class BatchContext:
         BSHD: ``[B, L, ...]`` -> ``[B, L_local, ...]``; packed: ``[1, T, ...]`` -> ``[1, T_local, ...]`` (or
         ``[T, ...]`` with ``seq_dim=0``), cut per sequence with this context's ``cu_seqlens``.
         """
+        if self.cu_seqlens is None:
+            self.shard_lengths.add(int(x.shape[seq_dim]))
         if self.cp_group.size == 1:
             return x
         return shard(x, self.cp_group.size, self.cp_group.rank, seq_dim, self.cu_seqlens)
+
+    def check_local_length(self, local_len: int, cp_size: int | None = None) -> None:
+        """``ValueError`` when this rank's ``local_len`` tokens per row contradict the batch's global length.
+
+        Packed: ``local_len * cp`` must be ``cu_seqlens[-1]``. BSHD: it must be :attr:`seq_len` when known, else
+        one of the lengths :meth:`shard` cut in this block (no check when neither is known). Catches the whole
+        batch passed where this rank's shard belongs. ``cp_size``: the CP size of the model that runs the batch
+        (default: this context's). Local: every rank that passes the same shapes decides alike.
+        """
+        cp = self.cp_group.size if cp_size is None else cp_size
+        if self.seq_len is not None:
+            if local_len * cp != self.seq_len:
+                what = "cu_seqlens describe" if self.packed else "the batch has"
+                raise ValueError(
+                    f"this rank's batch has {local_len} tokens per row, but {what} {self.seq_len} tokens over "
+                    f"{cp} CP rank(s), {self.seq_len // cp} per rank: under context parallelism pass this rank's "
+                    "shard (batch.shard(x), mamba_cp.shard_batch), not the whole batch"
+                )
+        elif self.shard_lengths and local_len * cp not in self.shard_lengths:
+            raise ValueError(
+                f"this rank's batch has {local_len} tokens per row ({local_len * cp} over {cp} CP rank(s)), but "
+                f"this batch context sharded tensors of global length {sorted(self.shard_lengths)}: pass this "
+                "rank's shard (batch.shard(x)), not the whole batch"
+            )
 
     def position_ids(self, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, L_local]`` int64: each of this rank's tokens' position in its own sequence."""
@@ -93,7 +128,9 @@ def local_positions(
 
 
 @contextmanager
-def batch_context(cu_seqlens: torch.Tensor | None = None, cp_group=None) -> Iterator[BatchContext]:
+def batch_context(
+    cu_seqlens: torch.Tensor | None = None, cp_group=None, seq_len: int | None = None
+) -> Iterator[BatchContext]:
     """Make a batch's layout visible to every layer of a parallelized model for the ``with`` block.
 
     Keep the backward pass inside the block when layers use activation checkpointing: their forwards run
@@ -104,18 +141,35 @@ def batch_context(cu_seqlens: torch.Tensor | None = None, cp_group=None) -> Iter
             for BSHD. Under CP every sequence length must divide by ``2 * cp``.
         cp_group: the CP ``ProcessGroup`` / 1-D ``DeviceMesh`` (None: no CP); used by :meth:`BatchContext.shard`
             and :meth:`BatchContext.position_ids`.
+        seq_len: optional global tokens per row of a BSHD batch (packed: ``cu_seqlens[-1]``, checked when
+            given); a parallelized transformers model then refuses a local length that is not ``seq_len / cp``.
 
     The boundaries are validated here, once per batch (``ValueError`` naming the offending sequence), so a
     bad batch fails before any layer issues a collective. Pass the *same* tensor object for the whole step:
     per-batch index maps and masks are cached on it.
     """
     group = resolve_cp_group(cp_group)
+    multiple = 2 * group.size if group.size > 1 else 1
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor):
             raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
         total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
-        check_cu_seqlens(cu_seqlens, total, multiple_of=2 * group.size if group.size > 1 else 1)
-    ctx = BatchContext(cu_seqlens=cu_seqlens, cp_group=group)
+        check_cu_seqlens(cu_seqlens, total, multiple_of=multiple)
+        if seq_len is not None and seq_len != total:
+            raise ValueError(f"seq_len ({seq_len}) must equal the packed batch's token count cu_seqlens[-1] ({total})")
+        seq_len = total
+    elif seq_len is not None and seq_len % multiple:
+        raise ValueError(f"global sequence length seq_len ({seq_len}) must be divisible by 2*cp_size ({multiple})")
+    with activate(BatchContext(cu_seqlens=cu_seqlens, cp_group=group, seq_len=seq_len)) as ctx:
+        yield ctx
+
+
+@contextmanager
+def activate(ctx: BatchContext) -> Iterator[BatchContext]:
+    """Make an already validated :class:`BatchContext` the current one for the ``with`` block (what
+    :func:`batch_context` and :class:`mamba_cp.ShardedBatch` do)."""
     token = _CURRENT.set(ctx)
     _OPEN.append(ctx)
     try:

@@ -15,7 +15,10 @@ def all_reduce_gradients(module: nn.Module, cp_group, bucket_bytes: int = 64 << 
     """Sum every parameter's ``.grad`` over ``cp_group`` in place (one collective per bucket).
 
     Under CP each rank holds the gradient of its own tokens' loss: the true gradient is the sum over the
-    group. Gradients are flattened per dtype and device into buckets of at most ``bucket_bytes``.
+    group (with the loss divided by the *global* target count, as :func:`mamba_cp.shard_batch` and ``labels=`` on a
+    parallelized model arrange, the sum is the gradient of the whole batch's mean loss). Under FSDP2 over a mesh
+    that includes the CP ranks, call :func:`mamba_cp.set_fsdp_gradient_divide_factor` instead. Gradients are
+    flattened per dtype and device into buckets of at most ``bucket_bytes``.
     """
     group = resolve_cp_group(cp_group)
     if group.size == 1:

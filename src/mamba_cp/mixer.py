@@ -222,6 +222,33 @@ class Mamba2Mixer(nn.Module):
         out = self.out_proj(self.norm(y, z))
         return out.squeeze(0) if hidden_states.dim() == 2 else out
 
+    _FLOAT32_PARAMS = ("A_log", "D", "dt_bias")
+    """The decay parameters that a cast to float16 / bfloat16 leaves in float32 (see :meth:`_apply`)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (``.to``, ``.half()``, ``.bfloat16()``, ``.cuda()``, ...), except that a cast of
+        ``A_log``, ``D`` or ``dt_bias`` from float32 / float64 to float16 / bfloat16 leaves them in float32.
+
+        They set the decay ``exp(dt * A)``, whose error compounds over the sequence; ``Mamba2Mixer(dtype=...)``
+        keeps them in float32 too. The Parameter objects stay the same (optimizers keep working) and their values
+        are the ones before the cast (the float32 values exactly; float64 ones rounded once to float32); a moved
+        device is followed. Gradients are kept the same way. Converted transformers mixers inherit this.
+        """
+        kept = {}
+        for name in self._FLOAT32_PARAMS:
+            p = self._parameters.get(name)
+            if p is not None and p.dtype in (torch.float32, torch.float64):
+                kept[name] = (p.detach(), None if p.grad is None else p.grad.detach())
+        super()._apply(fn, recurse)
+        half = (torch.float16, torch.bfloat16)
+        for name, (data, grad) in kept.items():
+            p = self._parameters[name]
+            if p.dtype in half:
+                p.data = data.to(device=p.device, dtype=torch.float32)
+                if grad is not None and p.grad is not None and p.grad.dtype in half:
+                    p.grad = grad.to(device=p.device, dtype=torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, groups={self.n_groups}, "

@@ -58,12 +58,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
 from ..attention import MaskCache, UlyssesAttention
-from ..context import current_cu_seqlens, local_positions
+from ..context import current_cu_seqlens
 from ..document_attention import DEFAULT_BLOCK_SIZE, document_attention, resolve_backend
 from ..groups import CPGroup
 from ..mixer import Mamba2Mixer
 from ..plan_cache import PlanCache
 from ..strategies.local import LocalStrategy
+from ..training import InputGuard
 
 SUPPORTED_MIXERS: dict[str, tuple[str, ...]] = {
     "transformers.models.mamba2.modeling_mamba2": ("Mamba2Mixer",),
@@ -446,20 +447,24 @@ class _ModelHook:
 
     group: CPGroup
     signature: inspect.Signature
+    inputs: InputGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = InputGuard(self.group)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         names = list(self.signature.parameters)
         args = list(args)
 
         def get(name: str):
-            if name in kwargs:
-                return kwargs[name]
+            if name in kwargs or name not in names:
+                return kwargs.get(name)
             i = names.index(name)
             return args[i] if i < len(args) else None
 
         def put(name: str, value) -> None:
             # Only touch the argument where the caller put it: transformers' decorators merge keywords.
-            i = names.index(name)
+            i = names.index(name) if name in names else len(args)
             if name not in kwargs and i < len(args):
                 args[i] = value
             else:
@@ -475,15 +480,7 @@ class _ModelHook:
                     "concatenate the sequences and pass their cu_seqlens with mamba_cp.batch_context"
                 )
             put("attention_mask", None)
-        if "position_ids" in names and get("position_ids") is None:
-            tokens = get("input_ids") if "input_ids" in names else None
-            if tokens is None and "inputs_embeds" in names:
-                tokens = get("inputs_embeds")
-            if tokens is not None:
-                positions = local_positions(
-                    self.group.size, self.group.rank, tokens.shape[1], current_cu_seqlens(), tokens.device
-                )
-                put("position_ids", positions)
+        self.inputs(module, self.signature, get, put)  # positions, labels, layout checks: mamba_cp.training
         return tuple(args), kwargs
 
 
