@@ -403,6 +403,9 @@ def transport_parts(kind: str, cp_obj, mixer: Mamba2Mixer, case: Case) -> dict[s
 
 
 def count_bytes(step: Callable[[], None], world: int) -> tuple[float, dict]:
+    """Bytes and calls of the collectives of one steady-state ``step``: it runs once first, so that the batch's
+    plans (and their once-per-batch cross-rank check) exist, as they do for every step but the first."""
+    step()
     mode = CommBytes(world)
     with mode:
         step()

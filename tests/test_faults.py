@@ -1,5 +1,6 @@
 """Debug mode and faults: ranks that disagree or fail are reported, never left hanging."""
 
+import re
 import time
 
 import pytest
@@ -77,17 +78,15 @@ def _one_rank_fails_worker(rank, world, how):
 
 @pytest.mark.parametrize("how", ["bad input", "crash", "stall"])
 def test_one_failing_rank_does_not_hang_the_others(how):
-    start = time.perf_counter()
     with pytest.raises(RankFailure) as info:
         run_on_ranks(_one_rank_fails_worker, 2, how, timeout=4)
-    elapsed = time.perf_counter() - start
     report = str(info.value)
-    assert elapsed < 20, f"took {elapsed:.1f} s"
+    assert "did not finish" not in report  # every rank ended by itself: none was killed by the harness
+    # the surviving rank fails in its first collective (the batch's one-time layout check) with an error that says
+    # where and why
+    assert re.search(r"mamba_cp [\w -]+ \([\w ]+\) failed on CP rank 0 of 2 with a local buffer of shape", report)
     if how == "stall":  # the waiting rank gives up at the process group's timeout, with our message
         assert "1 of 2 ranks failed" in report and "Timed out waiting 4000ms" in report
-        assert "mamba_cp all-to-all (forward) failed on CP rank 0 of 2" in report
         return
     assert "2 of 2 ranks failed" in report
     assert ("hidden_size (8)" in report) if how == "bad input" else ("simulated crash" in report)
-    # the surviving rank fails in the collective with an error that says where and why
-    assert "mamba_cp all-to-all (forward) failed on CP rank 0 of 2" in report

@@ -317,8 +317,11 @@ def test_padding_and_generation_cache_are_refused():
     model = mamba_cp.parallelize(build("nemotron_h"), CP2)
     mask = torch.ones(1, 8, dtype=torch.long)
     mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padded batches are not supported"):
+    with pytest.raises(ValueError, match="pass no attention_mask"):  # under CP any mask is refused (same on all ranks)
         model(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=mask)
+    off = mamba_cp.parallelize(build("nemotron_h"), 1)
+    with pytest.raises(ValueError, match="padded batches are not supported"):  # without CP: padding is refused
+        off(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=mask)
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=torch.zeros(1, 8, dtype=torch.long), use_cache=True)
 

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from mamba_cp import hidden_parallel as spec
 from mamba_cp import layout
+from mamba_cp.groups import resolve_cp_group
 from mamba_cp.layout import build_token_plan, head_tail_positions, packed_head_tail_positions
 from mamba_cp.plan_cache import PlanCache
+from mamba_cp.testing import run_on_ranks
 
 
 def explicit_head_tail(seq_len: int, cp: int) -> list[list[int]]:
@@ -116,20 +119,55 @@ def test_token_plan_seq_idx_for_packed_batches():
     assert plan.seq_idx.dtype == torch.int32
 
 
-def test_plan_cache_builds_once_per_batch():
+def _plan_cache_worker(rank: int, world: int) -> dict:
+    group, cpu = resolve_cp_group(dist.group.WORLD), torch.device("cpu")
     cache = PlanCache()
     cu = torch.tensor([0, 8, 12])
-    first = layout.token_plan(cache, 2, 1, 6, cu, torch.device("cpu"))
-    for _ in range(5):  # every layer of the step
-        assert layout.token_plan(cache, 2, 1, 6, cu, torch.device("cpu")) is first
-    assert cache.builds == {"token": 1}
+    first = layout.token_plan(cache, group, 1, 6, cu, cpu)
+    same = all(layout.token_plan(cache, group, 1, 6, cu, cpu) is first for _ in range(5))  # every layer
+    builds = dict(cache.builds)
     cu_next = torch.tensor([0, 4, 12])  # the next batch: same shape, new boundaries
-    assert layout.token_plan(cache, 2, 1, 6, cu_next, torch.device("cpu")) is not first
+    new = layout.token_plan(cache, group, 1, 6, cu_next, cpu) is not first
     cu_next[1] = 8  # modified in place: the values on the host key the plan
-    rebuilt = layout.token_plan(cache, 2, 1, 6, cu_next, torch.device("cpu"))
-    assert cache.builds == {"token": 2} and rebuilt is first and rebuilt.seq_idx.tolist() == [[0] * 8 + [1] * 4]
-    bshd = layout.token_plan(cache, 2, 2, 8, None, torch.device("cpu"))
-    assert layout.token_plan(cache, 2, 2, 8, None, torch.device("cpu")) is bshd
+    rebuilt = layout.token_plan(cache, group, 1, 6, cu_next, cpu)
+    bshd = layout.token_plan(cache, group, 2, 8, None, cpu)
+    return {
+        "same": same,
+        "builds": builds,
+        "new": new,
+        "rebuilt_is_first": rebuilt is first,
+        "builds_after": dict(cache.builds),
+        "bshd_cached": layout.token_plan(cache, group, 2, 8, None, cpu) is bshd,
+    }
+
+
+def test_plan_cache_builds_once_per_batch():
+    for r in run_on_ranks(_plan_cache_worker, 2):
+        assert r["same"] and r["builds"] == {"token": 1}
+        assert r["new"] and r["rebuilt_is_first"]
+        assert r["builds_after"] == {"token": 3}
+
+
+def _mismatch_worker(rank: int, world: int, what: str) -> str:
+    group, cpu = resolve_cp_group(dist.group.WORLD), torch.device("cpu")
+    cu = {"cu": torch.tensor([0, 8, 12] if rank == 0 else [0, 4, 12]), "one": torch.tensor([0, 12]) if rank else None}
+    try:
+        if what == "length":
+            layout.token_plan(PlanCache(), group, 1, 6 if rank == 0 else 8, None, cpu)
+        else:
+            layout.token_plan(PlanCache(), group, 1, 6, cu[what], cpu)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("what", ["length", "cu", "one"], ids=["local_lengths", "cu_seqlens", "cu_on_one_rank"])
+def test_ranks_with_different_batches_fail_on_every_rank(what):
+    """A batch that every rank validates locally but that differs across ranks (other lengths, other cu_seqlens,
+    cu_seqlens on one rank only) raises the same error on every rank when its plan is built."""
+    messages = run_on_ranks(_mismatch_worker, 2, what)
+    assert all("the CP ranks passed different batches" in m for m in messages), messages
+    assert messages[0] == messages[1]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bshd", "thd"])

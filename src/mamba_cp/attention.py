@@ -55,6 +55,7 @@ class UlyssesAttention:
 
     def __init__(self, cp_group, num_heads: int, num_kv_heads: int, plan_cache: PlanCache | None = None) -> None:
         group = resolve_cp_group(cp_group)
+        self.group = group
         self._cp_group = group.ref  # weakly (see GroupRef)
         self.cp_size = group.size
         self.cp_rank = group.rank
@@ -82,7 +83,7 @@ class UlyssesAttention:
         """The (cached, validated) plan of a batch whose rows hold ``local_len`` tokens on this rank."""
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        return token_plan(self.plans, self.cp_size, batch, local_len, cu_seqlens, device)
+        return token_plan(self.plans, self.group, batch, local_len, cu_seqlens, device)
 
     def _columns(self, t_BHLd: torch.Tensor, repeat: int) -> torch.Tensor:
         """``[B, heads, L_local, d]`` -> ``[B, L_local, cp, heads*repeat/cp * d]`` (slot r goes to rank r)."""
@@ -166,7 +167,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def varlen_kwargs(plan: TokenPlan) -> dict:
     """Flash-attention varlen arguments of a packed plan: ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k``."""
     cu = plan.cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())  # one host read per batch (cached by MaskCache)
+    longest = max(b - a for a, b in zip(plan.bounds[:-1], plan.bounds[1:], strict=True))  # host values
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

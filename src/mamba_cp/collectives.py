@@ -6,6 +6,10 @@ Shape legend: ``cp`` ranks in the group, ``n`` elements per rank.
   (block ``r`` goes to rank ``r``), asynchronous or not; :class:`AllToAll` is its autograd form (an equal-split
   all-to-all is its own adjoint).
 * :func:`all_gather`: ``[n]`` from every rank -> ``[cp, n]``, differentiable (backward: a reduce-scatter).
+* :func:`check_same_batch`: one tiny all-gather that makes every rank raise the same error when the ranks
+  describe different batches (run once per batch, when its plan is built).
+
+The autograd forms are twice differentiable: each backward is again a differentiable collective.
 
 A failure in any of them (a peer that raised, crashed, stalled or sent a buffer of another size) reaches the
 user as one ``RuntimeError`` that names the collective, the direction, this rank, the local buffer's shape
@@ -22,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .groups import UNPICKLED_GROUP, GroupRef
+from .validation import ConfigError
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -98,7 +103,8 @@ def all_to_all(send: torch.Tensor, group: object, direction: str = "forward") ->
 
 
 class AllToAll(torch.autograd.Function):
-    """Autograd-aware equal-split all-to-all along dim 0; backward is the same all-to-all of the gradient."""
+    """Autograd-aware equal-split all-to-all along dim 0; backward is the same all-to-all of the gradient,
+    itself differentiable, so double backward (``create_graph=True``) is exact."""
 
     @staticmethod
     def forward(ctx, input_: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -107,32 +113,55 @@ class AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return all_to_all(grad_output, ctx.group(), "backward"), None
+        return AllToAll.apply(grad_output, ctx.group()), None
+
+
+def _all_gather_into(flat: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    out = flat.new_empty(size * flat.numel())
+    try:
+        _all_gather_single(out, flat.contiguous(), group=group)
+    except RuntimeError as err:
+        raise collective_error(err, group, "all-gather", direction, flat.shape) from err
+    return out.view(size, flat.numel())
+
+
+def _reduce_scatter_rows(rows: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
+    out = rows.new_empty(rows.shape[1])
+    try:
+        _reduce_scatter_single(out, rows.contiguous().view(-1), group=group)
+    except RuntimeError as err:
+        raise collective_error(err, group, "reduce-scatter", direction, rows.shape) from err
+    return out
 
 
 class _AllGather(torch.autograd.Function):
     """``[n]`` -> ``[cp, n]`` (row ``r`` from rank ``r``). Every rank may use every row, so the gradient of rank
-    ``r``'s input is the sum over ranks of their gradients of row ``r``: a reduce-scatter."""
+    ``r``'s input is the sum over ranks of their gradients of row ``r``: a reduce-scatter (:class:`_ReduceScatter`,
+    whose own backward is this all-gather: double backward is exact)."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group = GroupRef(group)  # weakly: a graph kept alive must not keep the group alive
-        size = dist.get_world_size(group)
-        out = flat.new_empty(size * flat.numel())
-        try:
-            _all_gather_single(out, flat.contiguous(), group=group)
-        except RuntimeError as err:
-            raise collective_error(err, group, "all-gather", "forward", flat.shape) from err
-        return out.view(size, flat.numel())
+        return _all_gather_into(flat, group, "forward")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        out, group = grad.new_empty(grad.shape[1]), ctx.group()
-        try:
-            _reduce_scatter_single(out, grad.contiguous().view(-1), group=group)
-        except RuntimeError as err:
-            raise collective_error(err, group, "reduce-scatter", "backward", grad.shape) from err
-        return out, None
+        return _ReduceScatter.apply(grad, ctx.group()), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """``[cp, n]`` -> ``[n]``: on rank ``r`` the sum over ranks of their row ``r`` (the adjoint of
+    :class:`_AllGather`)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = GroupRef(group)
+        return _reduce_scatter_rows(rows, group, "backward")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllGather.apply(grad, ctx.group()), None
 
 
 def all_gather(t: torch.Tensor, group: object | None) -> torch.Tensor:
@@ -144,3 +173,23 @@ def all_gather(t: torch.Tensor, group: object | None) -> torch.Tensor:
     if group is None:
         return flat[None]
     return _AllGather.apply(flat, require_process_group(group, "all-gather"))
+
+
+def check_same_batch(group: object, fingerprint: list[int], describe) -> None:
+    """``ConfigError`` on every rank unless every rank of ``group`` passes the same ``fingerprint`` (a few ints
+    describing its batch: layout, lengths, a hash of ``cu_seqlens``); ``describe(row)`` words one rank's row.
+
+    One all-gather of ``len(fingerprint)`` int64 and one host read: run it once per batch, where the batch's
+    plan is built, never per layer. Every rank receives the same rows, so every rank makes the same decision.
+    """
+    pg = require_process_group(group, "batch check")
+    mine = torch.tensor(fingerprint, dtype=torch.int64)
+    if dist.get_backend(pg) == "nccl":  # NCCL moves device memory only
+        mine = mine.to(torch.device("cuda", torch.cuda.current_device()))
+    rows = _all_gather_into(mine, pg, "batch check").tolist()
+    if any(row != rows[0] for row in rows):
+        seen = ", ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
+        raise ConfigError(
+            f"the CP ranks passed different batches ({seen}); every rank must pass its head-tail shard of the same "
+            "batch (same local length, the same cu_seqlens or none on every rank)"
+        )

@@ -43,6 +43,13 @@ class GroupRef:
             )
         return group
 
+    def __deepcopy__(self, memo: dict) -> GroupRef:
+        return self  # a copy of a model runs on the same ranks: it shares the group (see CPGroup)
+
+    def __reduce__(self):
+        # A ProcessGroup cannot be pickled: the copy gets the placeholder that raises at its first collective.
+        return (GroupRef, (UNPICKLED_GROUP if self._weak is not None else self._strong,))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GroupRef) and self() is other()
 

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .collectives import check_same_batch
+from .groups import CPGroup
 from .plan_cache import PlanCache
-from .validation import check_cu_seqlens, check_divisible
+from .validation import ConfigError, check_cu_seqlens, check_divisible, describe_fingerprint, layout_fingerprint
 
 # --------------------------------------------------------------------------------------------------
 # Positions of a rank's tokens in the global sequence
@@ -219,6 +221,8 @@ class TokenPlan:
     """``[1, T]`` int32 sequence id of each token in true order (packed batches; None for BSHD)."""
     cu_seqlens: torch.Tensor | None
     """``[S + 1]`` int64 global boundaries on the tokens' device (packed batches; None for BSHD)."""
+    bounds: tuple[int, ...] | None = None
+    """The same boundaries on the host, as validated (packed batches; None for BSHD)."""
 
     @property
     def global_len(self) -> int:
@@ -246,37 +250,51 @@ def build_token_plan(
     multiple = 2 * cp_size if cp_size > 1 else 1
     dev = torch.device(device) if device is not None else torch.device("cpu")
     # Index maps are built where they are used, in int64: rows reach B * L, past 2**31 at long contexts.
-    seq_idx = cu_dev = None
+    seq_idx = cu_dev = bounds = None
     if cu_seqlens is None:
         if cp_size > 1:
             check_divisible(global_len, multiple, "global sequence length L (local length x cp_size)", "2*cp_size")
             positions = head_tail_positions(global_len, cp_size, dev)
     else:
         if batch != 1:
-            raise ValueError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple)
+            raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
+        bounds = tuple(check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple))
         cu_dev = torch.tensor(bounds, dtype=torch.int64, device=dev)
         if cp_size > 1:
             positions = packed_head_tail_positions(cu_dev, cp_size, global_len)
         seq_idx = torch.bucketize(torch.arange(global_len, device=dev), cu_dev[1:], right=True)
         seq_idx = seq_idx.to(torch.int32)[None]
     if cp_size == 1:
-        return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev)
+        return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev, bounds)
     # rank-major row (r, b, j) holds sequence row b * L + positions[r, j]
     rows = torch.arange(batch, device=dev)[None, :, None] * global_len + positions[:, None, :]  # [cp, B, L_local]
     to_ranks = rows.reshape(-1)
-    return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev)
+    return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev, bounds)
 
 
 def token_plan(
     cache: PlanCache,
-    cp_size: int,
+    group: CPGroup,
     batch: int,
     local_len: int,
     cu_seqlens: torch.Tensor | None,
     device: torch.device | str,
 ) -> TokenPlan:
-    """The batch's :class:`TokenPlan` from ``cache`` (built and validated by :func:`build_token_plan` on first
-    use; every layer of a step gets the same object)."""
-    key = (cp_size, batch, local_len, str(device))
-    return cache.get("token", key, cu_seqlens, lambda: build_token_plan(cp_size, batch, local_len, cu_seqlens, device))
+    """The batch's :class:`TokenPlan` over ``group`` from ``cache`` (every layer of a step gets the same object).
+
+    On first use the plan is built and validated (:func:`build_token_plan`: ``ValueError`` before any
+    collective), then, with more than one rank, one tiny all-gather checks that every rank describes the same
+    batch (:func:`~mamba_cp.collectives.check_same_batch`): ranks that pass different lengths, different
+    ``cu_seqlens`` or ``cu_seqlens`` on some ranks only would otherwise exchange buffers of the same size and
+    all finish with wrong results. Once per batch, never per layer.
+    """
+    key = (group.size, batch, local_len, str(device))
+
+    def build() -> TokenPlan:
+        plan = build_token_plan(group.size, batch, local_len, cu_seqlens, device)
+        if group.size > 1:
+            bounds = None if plan.bounds is None else list(plan.bounds)
+            check_same_batch(group.group, layout_fingerprint(local_len, batch, bounds), describe_fingerprint)
+        return plan
+
+    return cache.get("token", key, cu_seqlens, build)

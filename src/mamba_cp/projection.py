@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import start_all_to_all
+from .double_backward import refuse_double_backward
 from .groups import GroupRef
 from .layout import TokenPlan
 
@@ -115,6 +116,7 @@ class ProjectScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, dout):
+        refuse_double_backward("hidden-parallel's fused in_proj (ProjectScatter)")
         h_TD, weight = ctx.saved_tensors
         layout, plan = ctx.layout, ctx.plan
         cp, tokens, wl = plan.cp_size, h_TD.shape[0], layout.width_local
@@ -170,6 +172,7 @@ class GatherGate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dz):
+        refuse_double_backward("hidden-parallel's fused in_proj (GatherGate)")
         h_TD, weight = ctx.saved_tensors
         layout, plan = ctx.layout, ctx.plan
         cp, tokens = plan.cp_size, h_TD.shape[0]

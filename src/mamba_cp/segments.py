@@ -27,17 +27,13 @@ unit-testable without a process group. :func:`segment_plan` builds a batch's pla
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from .kernels.segment_scan import SegmentWork, build_segment_work, row_segments
 from .plan_cache import PlanCache
-from .validation import ConfigError, check_cu_seqlens
-
-FINGERPRINT_SIZE = 5
-"""Numbers in :attr:`SegmentPlan.fingerprint` (they travel with the state summaries)."""
+from .validation import ConfigError, check_cu_seqlens, layout_fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +95,14 @@ class SegmentPlan:
     work: SegmentWork
     """This rank's segments as token ranges, for the fused summary and correction kernels."""
     fingerprint: torch.Tensor
-    """``[FINGERPRINT_SIZE]`` int64 on the tokens' device: the batch as every rank must see it (local length in
-    two 20-bit halves, sequence count, a 40-bit hash of ``cu_seqlens`` in two halves; each part exact in float32).
-    It travels with the state summaries, so ranks that pass different batches fail instead of mixing them."""
+    """``[FINGERPRINT_SIZE]`` int64 on the tokens' device: :func:`~mamba_cp.validation.layout_fingerprint`, the
+    batch as every rank must see it. It travels with the state summaries, so ranks that pass different batches
+    fail instead of mixing them."""
 
     @property
     def num_segments(self) -> int:
         """Segments on this rank: ``2*S``."""
         return 2 * self.num_seqs
-
-
-def describe_fingerprint(row: list[float]) -> str:
-    """A gathered :attr:`SegmentPlan.fingerprint` row in words."""
-    local_len, seqs = (int(row[0]) << 20) + int(row[1]), int(row[2])
-    digest = (int(row[3]) << 20) + int(row[4])
-    return f"{local_len} local tokens per row, {seqs} sequences" + (f", cu_seqlens hash {digest:#x}" if digest else "")
 
 
 def chain_rank(chunk: torch.Tensor, cp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +219,7 @@ def build_segment_plan(
                 f"global sequence length L (local length x cp_size = {local_len} x {cp_size}) must be a "
                 f"positive multiple of 2*cp_size ({2 * cp_size}): each rank holds two equal chunks"
             )
-        num_seqs, seg_len = batch, local_len // 2
+        num_seqs, seg_len, bounds = batch, local_len // 2, None
         seg_len_S = torch.full((batch,), seg_len, dtype=torch.int64)
         work = build_segment_work(*row_segments(2 * batch, seg_len), 2 * batch * seg_len, device)
     else:
@@ -242,9 +231,7 @@ def build_segment_plan(
         seg_len_S = seq_lens // (2 * cp_size)
         packed, work = _packed_index(seg_len_S, halo, device)
 
-    digest = 0 if cu_seqlens is None else zlib.crc32(str(bounds).encode()) | (len(bounds) << 32)
-    parts = [local_len >> 20, local_len & 0xFFFFF, num_seqs, (digest >> 20) & 0xFFFFF, digest & 0xFFFFF]
-    fingerprint = torch.tensor(parts, dtype=torch.int64)
+    fingerprint = torch.tensor(layout_fingerprint(local_len, num_seqs, bounds))
     chain_pos = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])
     chain_before = torch.arange(2 * cp_size)[None, :] < chain_pos[:, None]
     halo_rows, halo_slots = halo_sources(seg_len_S, cp_size, cp_rank, halo)

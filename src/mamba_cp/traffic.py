@@ -8,8 +8,8 @@ the ``cp - 1`` peers.
 
 from __future__ import annotations
 
-from .segments import FINGERPRINT_SIZE
 from .ssm_block import SSMShape
+from .validation import FINGERPRINT_SIZE
 
 
 def _bc_width(dims: SSMShape, cp: int) -> int:

@@ -7,6 +7,8 @@ the batch plan is built, never once per layer.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 
@@ -105,3 +107,23 @@ def batch_dims(local: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[in
             "every rank needs at least one token of every row"
         )
     return batch, length
+
+
+FINGERPRINT_SIZE = 5
+"""Numbers in a :func:`layout_fingerprint`."""
+
+
+def layout_fingerprint(local_len: int, num_seqs: int, bounds: list[int] | None) -> list[int]:
+    """A batch layout as every CP rank must see it, in :data:`FINGERPRINT_SIZE` ints each exact in float32: the
+    local length per row (two 20-bit halves), the sequence count (``B`` for BSHD), and a 40-bit hash of the
+    global ``cu_seqlens`` bounds (two halves; 0 without ``cu_seqlens``)."""
+    digest = 0 if bounds is None else zlib.crc32(str(bounds).encode()) | (len(bounds) << 32)
+    return [local_len >> 20, local_len & 0xFFFFF, num_seqs, (digest >> 20) & 0xFFFFF, digest & 0xFFFFF]
+
+
+def describe_fingerprint(row: list) -> str:
+    """A gathered :func:`layout_fingerprint` row in words."""
+    local_len, seqs = (int(row[0]) << 20) + int(row[1]), int(row[2])
+    digest = (int(row[3]) << 20) + int(row[4])
+    packed = f"packed, cu_seqlens hash {digest:#x}" if digest else "not packed"
+    return f"{local_len} local tokens per row, {seqs} sequences, {packed}"

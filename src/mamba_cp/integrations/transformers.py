@@ -45,6 +45,8 @@ once (three tensors, one all-to-all) where the ring passes every rank's k/v arou
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -131,20 +133,26 @@ class TransformersMamba2Mixer(Mamba2Mixer):
         return self.out_proj(y.to(hidden_states.dtype))
 
 
-_CP_CLASSES: dict[type, type] = {}
-
-
+@functools.cache
 def _cp_class(hf_class: type) -> type:
-    """The class a converted ``hf_class`` instance takes: ``TransformersMamba2Mixer`` first, then ``hf_class``."""
-    cls = _CP_CLASSES.get(hf_class)
-    if cls is None:
-        cls = type(
-            f"ContextParallel{hf_class.__name__}",
-            (TransformersMamba2Mixer, hf_class),
-            {"_hf_class": hf_class, "__module__": __name__},
-        )
-        _CP_CLASSES[hf_class] = cls
-    return cls
+    """The class a converted ``hf_class`` instance takes: ``TransformersMamba2Mixer`` first, then ``hf_class``
+    (made once per class, so ``isinstance`` and pickling see one class)."""
+    return type(
+        f"ContextParallel{hf_class.__name__}",
+        (TransformersMamba2Mixer, hf_class),
+        {"_hf_class": hf_class, "__module__": __name__},
+    )
+
+
+def __getattr__(name: str) -> type:
+    """``ContextParallel<Mixer>`` for pickle: a converted model saved whole (``torch.save(model)``) is loaded in a
+    process that has not converted anything yet, and pickle looks its mixers' class up here by name."""
+    prefix = "ContextParallel"
+    if name.startswith(prefix):
+        for module_name, classes in SUPPORTED_MIXERS.items():
+            if name[len(prefix) :] in classes:
+                return _cp_class(getattr(importlib.import_module(module_name), name[len(prefix) :]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_mixer(name: str, mixer: nn.Module) -> None:
@@ -473,6 +481,15 @@ class _ModelHook:
         if "use_cache" in names and get("use_cache") is None:
             put("use_cache", False)
         mask = get("attention_mask") if "attention_mask" in names else None
+        if isinstance(mask, torch.Tensor) and self.group.size > 1:
+            # Decided from the argument alone, so every rank decides the same before any collective (its values
+            # differ across ranks: a padded row may be padded on one rank's shard only).
+            raise ValueError(
+                f"{type(module).__name__}: under context parallelism the attention mask comes from the batch layout; "
+                f"pass no attention_mask (got a {mask.dim()}-D tensor of shape {tuple(mask.shape)}). Pack sequences "
+                "instead of padding them (cu_seqlens through mamba_cp.batch_context, or mamba_cp.shard_batch, which "
+                "checks and drops an all-ones mask)"
+            )
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if not bool(mask.all()):  # one host read per step, as transformers' own mask helpers do
                 raise ValueError(

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..double_backward import first_order_only
 from . import cuda, index_width
 from .conv_reference import causal_conv1d_ref
 from .norm_reference import rmsnorm_gated_ref
@@ -92,6 +93,7 @@ def causal_conv1d(
     """
     name, fn = _conv_impl(x, weight.shape[-1])
     if name == "causal_conv1d":
+        weight = first_order_only(weight, "the causal_conv1d package's kernel")  # backward not differentiable again
         return index_width.causal_conv1d_split(
             functools.partial(cuda.causal_conv1d_cuda, fn), x, weight, bias, seq_idx, activation,
             limit=cuda.CAUSAL_CONV1D_LIMIT, max_tokens=cuda.CAUSAL_CONV1D_MAX_TOKENS,
@@ -127,6 +129,7 @@ def ssd_chunk_scan(
     """
     name, fn = _ssd_impl(x)
     if name == "mamba_ssm":
+        dt = first_order_only(dt, "mamba_ssm's SSD kernel")  # its backward is not differentiable again
         return index_width.ssd_chunk_scan_split(
             functools.partial(cuda.ssd_chunk_scan_cuda, fn), x, dt, A, B, C, chunk_size, D, z, dt_bias,
             initial_states, seq_idx, dt_softplus, dt_limit, return_final_states, limit=cuda.MAMBA_SSM_LIMIT,
@@ -160,6 +163,7 @@ def rmsnorm_gated(
     """Grouped RMSNorm of ``x * silu(z)`` (``[..., D]``, groups of ``group_size`` channels) times ``weight``."""
     name, fn = _norm_impl(x)
     if name == "mamba_ssm":
+        weight = first_order_only(weight, "mamba_ssm's gated RMSNorm kernel")  # backward not differentiable again
         return cuda.rmsnorm_gated_cuda(fn, x, z, weight, eps, group_size, norm_before_gate)
     return rmsnorm_gated_ref(x, z, weight, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 

@@ -60,6 +60,8 @@ from typing import Literal
 
 import torch
 
+from ..double_backward import refuse_double_backward
+
 __all__ = [
     "SegmentWork",
     "build_segment_work",
@@ -296,6 +298,7 @@ class SegmentStatesFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_final):
+        refuse_double_backward("the Triton segment-summary kernel")
         x, B, w = ctx.saved_tensors
         dx, dB, dw = _triton_backend().states_backward(x, B, w, d_final, ctx.work)
         need = ctx.needs_input_grad
@@ -318,6 +321,7 @@ class StateCorrectionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("the Triton state-correction kernel")
         C, h_in, scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         dC, dh_in, dscale = _triton_backend().correction_backward(

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..double_backward import refuse_double_backward
+
 __all__ = ["MAX_TOKENS", "MAX_WIDTH", "causal_conv1d_triton"]
 
 MAX_WIDTH = 4
@@ -273,6 +275,7 @@ class _CausalConv1dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        refuse_double_backward("the Triton causal conv1d")
         x, w4, bias_c, seq = ctx.saved_tensors
         dout = _as_rows(dout)
         batch, length, channels = x.shape

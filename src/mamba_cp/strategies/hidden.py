@@ -166,10 +166,9 @@ class HiddenParallel:
     def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
         """The batch plan for sequence-sharded ``[B, L_local, W]`` / ``[T_local, W]`` (validated, cached)."""
         batch, local_len = batch_dims(hidden_states, cu_seqlens)
-        plan = token_plan(self.plans, self.group.size, batch, local_len, cu_seqlens, hidden_states.device)
-        if self.debug:
+        if self.debug:  # first: it names what differs, where the plan's own check can only say that something does
             check_ranks_agree(self.group, hidden_states, cu_seqlens)
-        return plan
+        return token_plan(self.plans, self.group, batch, local_len, cu_seqlens, hidden_states.device)
 
     # ------------------------------------------------------------------ the layer
 

@@ -33,7 +33,7 @@ class LocalStrategy:
     def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
         """The batch plan of ``hidden_states`` ``[B, L, D]`` / packed ``[T, D]`` with ``cu_seqlens``."""
         batch, length = batch_dims(hidden_states, cu_seqlens)
-        return token_plan(self.plans, 1, batch, length, cu_seqlens, hidden_states.device)
+        return token_plan(self.plans, self.group, batch, length, cu_seqlens, hidden_states.device)
 
     def scan(
         self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: TokenPlan

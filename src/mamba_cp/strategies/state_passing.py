@@ -49,8 +49,8 @@ from ..groups import CPGroup
 from ..kernels.segment_scan import segment_states, state_correction
 from ..kernels.ssd_reference import process_dt
 from ..plan_cache import PlanCache
-from ..segments import SegmentPlan, describe_fingerprint, segment_plan
-from ..validation import ConfigError, batch_dims
+from ..segments import SegmentPlan, segment_plan
+from ..validation import ConfigError, batch_dims, describe_fingerprint
 from .base import SSMConfig, SSMParams, project
 
 
