@@ -36,11 +36,11 @@ from .hidden_parallel import (
 )
 from .layout import TokenPlan, build_token_plan
 from .mixer import GatedRMSNorm, Mamba2Mixer
-from .parallelize import auto_strategy, find_mixers, parallelize
+from .parallelize import find_mixers, parallelize
 from .plan_cache import PlanCache
 from .segments import SegmentPlan, build_segment_plan
 from .sharding import gather_sequence, shard, unshard
-from .strategies import HiddenParallel, LocalStrategy, StatePassing, Strategy
+from .strategies import HiddenParallel, LocalStrategy, StatePassing, Strategy, Workload
 from .training import (
     ShardedBatch,
     count_targets,
@@ -72,11 +72,11 @@ __all__ = [
     "Strategy",
     "TokenPlan",
     "UlyssesAttention",
+    "Workload",
     "all_reduce_gradients",
     "all_to_all",
     "all_to_all_cp2hp",
     "all_to_all_hp2cp",
-    "auto_strategy",
     "batch_context",
     "build_segment_plan",
     "build_token_plan",

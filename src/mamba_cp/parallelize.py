@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from . import integrations
@@ -9,24 +11,10 @@ from .consistency import debug_from_env
 from .groups import resolve_cp_group
 from .mixer import Mamba2Mixer
 from .plan_cache import PlanCache
-from .strategies import STRATEGIES, LocalStrategy, StrategyOptions
+from .strategies import STRATEGIES, LocalStrategy, StrategyOptions, Workload, choose_strategy, measure_bandwidth_gbps
 from .validation import ConfigError
 
 _ALIASES = {"hidden_parallel": "hidden", "hidden-parallel": "hidden", "state-passing": "state_passing"}
-
-
-def auto_strategy(num_heads: int, n_groups: int, cp_size: int) -> str:
-    """The strategy ``strategy="auto"`` picks for a mixer with ``num_heads`` heads and ``n_groups`` groups.
-
-    ``"hidden"`` wherever it can run, since it measured faster: on 2x H200 at cp=2 (BENCHMARKS.md, 128K tokens)
-    hidden-parallel took 133 ms (BSHD) and 135 ms (64 packed documents) against 174 ms and 268 ms for state
-    passing. ``"state_passing"`` where hidden-parallel cannot run: ``num_heads % cp != 0``, or groups that do
-    not split (``cp % G`` for ``G < cp``, ``G % cp`` otherwise).
-    """
-    groups_split = cp_size % n_groups == 0 if n_groups < cp_size else n_groups % cp_size == 0
-    if num_heads % cp_size != 0 or not groups_split:
-        return "state_passing"
-    return "hidden"
 
 
 def find_mixers(module: nn.Module) -> list[tuple[str, Mamba2Mixer]]:
@@ -41,6 +29,7 @@ def parallelize(
     *,
     debug: bool | None = None,
     fuse_projection: bool = True,
+    workload: Workload | None = None,
 ) -> nn.Module:
     """Run every Mamba2 mixer in ``module`` context-parallel over ``cp_group``; returns ``module``.
 
@@ -48,13 +37,16 @@ def parallelize(
         module: a model or a single mixer; its parameters are untouched (same objects, same names).
         cp_group: a ``ProcessGroup`` or a 1-D ``DeviceMesh``; ``None`` or a group of one rank turns CP off.
         strategy: ``"hidden"`` (hidden-parallel: heads sharded by an all-to-all), ``"state_passing"``
-            (tokens stay home; segments exchange conv halos and SSD states) or ``"auto"`` (per mixer, by
-            :func:`auto_strategy`: hidden-parallel where it can run, the faster measured; state passing where
-            its divisibility fails). The mixer's repr names the strategy it got.
+            (tokens stay home; segments exchange conv halos and SSD states) or ``"auto"`` (per mixer, the faster
+            by the cost model of :mod:`mamba_cp.strategies.cost` for ``workload``; state passing where
+            hidden-parallel's divisibility fails). The mixer's repr names the strategy it got and why.
         debug: check on every call, with one small collective, that all ranks agree on the local shape,
             dtype and ``cu_seqlens`` (``ValueError`` naming the disagreement); default: ``MAMBA_CP_DEBUG``.
         fuse_projection: hidden-parallel runs a plain ``nn.Linear`` in_proj fused with its all-to-all (the
             measured default); False always uses the plain in_proj.
+        workload: what ``"auto"`` chooses for (tokens per row, documents per row, bandwidth); default
+            :class:`~mamba_cp.strategies.cost.Workload` (128K tokens, BSHD, the bandwidth measured once with a
+            small timed all-to-all).
 
     All mixers and attention layers share one per-batch plan cache, so a batch's index maps are built once
     per step. Every check (head and group divisibility) runs here, on every rank, before any collective.
@@ -68,14 +60,21 @@ def parallelize(
     group = resolve_cp_group(cp_group)
     plans = PlanCache()
     options = StrategyOptions(fuse_projection=fuse_projection, debug=debug_from_env() if debug is None else debug)
+    workload = workload or Workload()
+    bandwidth = workload.bandwidth_gbps
+    if strategy == "auto" and group.size > 1 and bandwidth is None:
+        bandwidth = measure_bandwidth_gbps(group.group)  # once per call, the same value on every rank
     chosen = []
     for name, mixer in mixers:  # build every strategy first: a refusal leaves the model untouched
         if group.size == 1:
             chosen.append(LocalStrategy(plans))
             continue
-        key = auto_strategy(mixer.num_heads, mixer.n_groups, group.size) if strategy == "auto" else strategy
+        key, opts = strategy, options
+        if strategy == "auto":
+            choice = choose_strategy(mixer.shape, group.size, workload, bandwidth)
+            key, opts = choice.strategy, dataclasses.replace(options, note=choice.reason)
         try:
-            chosen.append(STRATEGIES[key](group, mixer.ssm_config, plans, options))
+            chosen.append(STRATEGIES[key](group, mixer.ssm_config, plans, opts))
         except ValueError as err:
             raise ConfigError(f"cannot parallelize mixer {name or type(mixer).__name__!r}: {err}") from err
     for (_, mixer), built in zip(mixers, chosen, strict=True):

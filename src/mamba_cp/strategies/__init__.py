@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..groups import CPGroup
 from ..plan_cache import PlanCache
 from .base import SSMConfig, SSMParams, Strategy
+from .cost import Choice, Workload, choose_strategy, estimate_ms, hidden_can_run, measure_bandwidth_gbps
 from .hidden import HeadShard, HiddenParallel
 from .local import LocalStrategy
 from .state_passing import StatePassing
@@ -28,14 +29,18 @@ class StrategyOptions:
     """Hidden-parallel: run a plain ``nn.Linear`` in_proj fused with the all-to-all (see :class:`HiddenParallel`)."""
     debug: bool = False
     """Check with one small collective per call that every rank passes the same batch layout."""
+    note: str = ""
+    """Why this strategy was chosen (``strategy="auto"``): shown in the strategy's repr."""
 
 
 def _hidden(group: CPGroup, config: SSMConfig, plans: PlanCache, options: StrategyOptions) -> HiddenParallel:
-    return HiddenParallel(group, config, plans, fuse_projection=options.fuse_projection, debug=options.debug)
+    return HiddenParallel(
+        group, config, plans, fuse_projection=options.fuse_projection, debug=options.debug, note=options.note
+    )
 
 
 def _state_passing(group: CPGroup, config: SSMConfig, plans: PlanCache, options: StrategyOptions) -> StatePassing:
-    return StatePassing(group, config, plans, debug=options.debug)
+    return StatePassing(group, config, plans, debug=options.debug, note=options.note)
 
 
 STRATEGIES: dict[str, Callable[[CPGroup, SSMConfig, PlanCache, StrategyOptions], Strategy]] = {
@@ -46,6 +51,12 @@ STRATEGIES: dict[str, Callable[[CPGroup, SSMConfig, PlanCache, StrategyOptions],
 
 __all__ = [
     "STRATEGIES",
+    "Choice",
+    "Workload",
+    "choose_strategy",
+    "estimate_ms",
+    "hidden_can_run",
+    "measure_bandwidth_gbps",
     "HeadShard",
     "HiddenParallel",
     "LocalStrategy",

@@ -137,6 +137,7 @@ class HiddenParallel:
             with autocast off; anything else (a LoRA or quantized wrapper, FSDP applied to in_proj alone, a
             hook) gets the unfused path. False always takes the unfused path.
         debug: check on every call, with one small collective, that all ranks agree on the batch.
+        note: why this strategy was chosen (shown in the repr).
 
     Raises ``ConfigError`` (on every rank, before any collective) when the heads or groups do not split.
     """
@@ -151,6 +152,7 @@ class HiddenParallel:
         *,
         fuse_projection: bool = True,
         debug: bool = False,
+        note: str = "",
     ) -> None:
         s = config.shape
         self.group = group
@@ -159,6 +161,7 @@ class HiddenParallel:
         self.plans = plans
         self.fuse_projection = fuse_projection
         self.debug = debug
+        self.note = note
         self._projection_layouts: dict[str, ProjectionLayout] = {}
 
     # ------------------------------------------------------------------ per-batch plan
@@ -267,5 +270,5 @@ class HiddenParallel:
         return (
             f"HiddenParallel(cp_size={s.cp_size}, cp_rank={s.cp_rank}, heads={s.num_heads_local}/{s.num_heads}, "
             f"groups={s.n_groups_local}/{s.n_groups}, group_repeat={s.group_repeat_count}, "
-            f"fuse_projection={self.fuse_projection})"
+            f"fuse_projection={self.fuse_projection}{', ' + self.note if self.note else ''})"
         )

@@ -78,6 +78,7 @@ class StatePassing:
         config: the mixer's :class:`~mamba_cp.strategies.base.SSMConfig`.
         plans: the per-batch plan cache shared by every layer of the model.
         debug: check on every call, with one small collective, that all ranks agree on the batch.
+        note: why this strategy was chosen (shown in the repr).
 
     Collectives per layer: forward two all-gathers (conv halos, then state summaries), backward two
     reduce-scatters; the halo exchange is skipped for ``conv_kernel == 1``. Any head count works.
@@ -85,8 +86,11 @@ class StatePassing:
 
     name = "state_passing"
 
-    def __init__(self, group: CPGroup, config: SSMConfig, plans: PlanCache, *, debug: bool = False) -> None:
+    def __init__(
+        self, group: CPGroup, config: SSMConfig, plans: PlanCache, *, debug: bool = False, note: str = ""
+    ) -> None:
         self.group = group
+        self.note = note
         self.config = config
         self.shape = config.shape
         self.plans = plans
@@ -304,5 +308,5 @@ class StatePassing:
         s, g = self.shape, self.group
         return (
             f"StatePassing(cp_size={g.size}, cp_rank={g.rank}, heads={s.num_heads}, groups={s.n_groups}, "
-            f"segments_per_sequence=2, halo={self.config.conv_kernel - 1})"
+            f"segments_per_sequence=2, halo={self.config.conv_kernel - 1}{', ' + self.note if self.note else ''})"
         )
