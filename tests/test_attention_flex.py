@@ -485,7 +485,7 @@ def _hf_case(rank: int, world: int, name: str, attn: str, layout: str, block: in
         "attention_layers": len(states),
         "shared_cache": all(s.masks is states[0].masks for s in states),
         "mask_builds": states[0].masks.builds,
-        "kinds": sorted({key[0] for _, key, _ in states[0].masks._entries}),
+        "kinds": sorted({key[0] for key in states[0].masks.plans.keys("mask")}),
     }
 
 

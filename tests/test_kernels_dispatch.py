@@ -177,8 +177,7 @@ def test_mamba_rmsnorm_adapter_matches_reference():
 # kernel uncut (float32: the cut changes only the order of a few sums).
 
 
-def test_cuda_token_caps_match_the_triton_conv():
-    pytest.importorskip("triton")
+def test_cuda_token_caps_match_the_triton_conv(triton_required):
     from mamba_cp.kernels import triton_conv
 
     assert cuda.TRITON_CONV_MAX_TOKENS == triton_conv.MAX_TOKENS
@@ -273,9 +272,8 @@ def test_mamba_rmsnorm_cut_matches_uncut():
 # ------------------------------------------------------------------------------------------------ interpreter
 
 
-def test_triton_conv_under_the_interpreter():
-    """Without a GPU: the same kernels through Triton's CPU interpreter (skipped when Triton is missing)."""
-    pytest.importorskip("triton")
+def test_triton_conv_under_the_interpreter(triton_required):
+    """Without a GPU: the same kernels through Triton's CPU interpreter (a test dependency on Linux)."""
     script = textwrap.dedent(
         """
         import torch

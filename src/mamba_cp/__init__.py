@@ -10,6 +10,7 @@ transport / layout functions, the underscore names too), also re-exported here.
 """
 
 from .attention import UlyssesAttention
+from .batch_plans import prepare_batch
 from .context import BatchContext, batch_context, current_batch
 from .gradients import all_reduce_gradients
 from .groups import CPGroup, resolve_cp_group
@@ -38,6 +39,7 @@ from .layout import TokenPlan, build_token_plan
 from .mixer import GatedRMSNorm, Mamba2Mixer
 from .parallelize import find_mixers, parallelize
 from .plan_cache import PlanCache
+from .prefill import PrefillResult, capture_states, decoding, generate, prefill
 from .segments import SegmentPlan, build_segment_plan
 from .sharding import gather_sequence, shard, unshard
 from .strategies import HiddenParallel, LocalStrategy, StatePassing, Strategy, Workload
@@ -66,6 +68,7 @@ __all__ = [
     "Mamba2Mixer",
     "MambaContextParallel",
     "PlanCache",
+    "PrefillResult",
     "SegmentPlan",
     "ShardedBatch",
     "StatePassing",
@@ -80,15 +83,20 @@ __all__ = [
     "batch_context",
     "build_segment_plan",
     "build_token_plan",
+    "capture_states",
     "count_targets",
     "cu_seqlens_from_position_ids",
     "current_batch",
+    "decoding",
     "deinterleave_packed_seqs",
     "find_mixers",
     "gather_sequence",
+    "generate",
     "global_loss",
     "heads_to_seq",
     "parallelize",
+    "prefill",
+    "prepare_batch",
     "redo_attention_load_balancing",
     "reinterleave_packed_seqs",
     "reorder_chunks",

@@ -167,12 +167,13 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def varlen_kwargs(plan: TokenPlan) -> dict:
     """Flash-attention varlen arguments of a packed plan: ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k``."""
     cu = plan.cu_seqlens.to(torch.int32)
-    longest = max(b - a for a, b in zip(plan.bounds[:-1], plan.bounds[1:], strict=True))  # host values
+    longest = int((cu[1:] - cu[:-1]).max())  # one host read per batch (the mask cache keeps the result)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 class MaskCache:
-    """Masks of recent batches, keyed on the plan object (the plan cache hands every layer the same one).
+    """The attention masks of recent batches, in the model's shared :class:`~mamba_cp.plan_cache.PlanCache` and
+    keyed on the plan object (the plan cache hands every layer the same one), so they are built once per batch.
 
     ``get(plan, kind, dtype, device, block_size=128)`` with ``kind``:
 
@@ -181,15 +182,20 @@ class MaskCache:
       (:func:`~mamba_cp.document_attention.block_sparse_attention`); packed or BSHD plans, ``block_size`` tiles;
     * ``"bool"`` (``[1, 1, L, L]`` bool), ``"additive"`` (``[1, 1, L, L]`` of ``dtype``): dense, O(L^2);
     * ``"varlen"``: flash-attention kwargs (packed plans only).
+
+    Under ``torch.compile`` the dense masks are built inside the graph (tensor ops of the plan) and the others are
+    the ones pinned for the batch (:func:`mamba_cp.prepare_batch`).
     """
 
     KINDS = ("document", "document-blocks", "bool", "additive", "varlen")
 
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
-        self._entries: list[tuple[TokenPlan, tuple, object]] = []
-        self.builds = 0
+    def __init__(self, plans: PlanCache | None = None) -> None:
+        self.plans = plans if plans is not None else PlanCache()
+
+    @property
+    def builds(self) -> int:
         """Number of masks built (tests use it to prove per-batch reuse)."""
+        return self.plans.builds.get("mask", 0)
 
     def get(
         self,
@@ -201,21 +207,26 @@ class MaskCache:
     ):
         if kind not in self.KINDS:
             raise ValueError(f"mask kind must be one of {self.KINDS}, got {kind!r}")
-        key = (kind, dtype, str(device), block_size if kind.startswith("document") else None)
-        for entry_plan, entry_key, value in self._entries:
-            if entry_plan is plan and entry_key == key:
-                return value
-        if kind == "document":
-            value = document_mask(plan, device, block_size, backend="flex")
-        elif kind == "document-blocks":
-            value = document_mask(plan, device, block_size, backend="blocks")
-        elif kind == "bool":
-            value = causal_mask(plan, device)
-        elif kind == "additive":
-            value = additive_mask(causal_mask(plan, device), dtype)
-        else:
-            value = varlen_kwargs(plan)
-        self.builds += 1
-        self._entries.insert(0, (plan, key, value))
-        del self._entries[self.capacity :]
-        return value
+        if kind in ("bool", "additive") and torch.compiler.is_compiling():  # tensor ops: traced into the graph
+            return _build_mask(plan, kind, dtype, device, block_size)
+        name = ("mask", kind, block_size if kind.startswith("document") else None)
+        if torch.compiler.is_compiling():
+            return self.plans.pinned(name)
+        key = (kind, dtype, str(device), name[2], id(plan))
+
+        def build() -> tuple[TokenPlan, object]:
+            return plan, _build_mask(plan, kind, dtype, device, block_size)  # holding the plan keeps its id unique
+
+        return self.plans.pin(name, self.plans.get("mask", key, None, build)[1])
+
+
+def _build_mask(plan: TokenPlan, kind: str, dtype, device, block_size: int):
+    if kind == "document":
+        return document_mask(plan, device, block_size, backend="flex")
+    if kind == "document-blocks":
+        return document_mask(plan, device, block_size, backend="blocks")
+    if kind == "bool":
+        return causal_mask(plan, device)
+    if kind == "additive":
+        return additive_mask(causal_mask(plan, device), dtype)
+    return varlen_kwargs(plan)

@@ -216,7 +216,35 @@ def plan(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo, "verify": verify, "bench": bench, "plan": plan}
+def generate(argv: Sequence[str] | None = None) -> int:
+    """Prefill under CP, generate greedily, compare tokens and cache with the plain model; exit status 1 on a
+    mismatch. CPU: a small random-weight float64 model, one gloo process per rank (forked)."""
+    from .prefill_check import MODELS, TOLERANCE, Case, check_worker, worst
+    from .testing import run_on_ranks
+
+    p = argparse.ArgumentParser(prog="mamba-cp generate", description=generate.__doc__)
+    p.add_argument("--cp", type=positive_int, default=2, help="CP size >= 1 (gloo processes)")
+    p.add_argument("--model", choices=MODELS, default="nemotron_h")
+    p.add_argument("--strategy", choices=["hidden", "state_passing"], default="hidden")
+    p.add_argument("--layout", choices=["bshd", "thd"], default="bshd", help="two prompts, or a pack of three")
+    p.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens to generate")
+    args = p.parse_args(argv)
+    case = Case(args.model, args.layout, args.strategy, args.tokens)
+    start = time.perf_counter()
+    per_rank = [check_worker(0, 1, [case])] if args.cp == 1 else run_on_ranks(check_worker, args.cp, [case])
+    errors, tokens_ok = worst([r[case.name] for r in per_rank])
+    print(
+        f"mamba-cp generate: {args.model} ({args.layout}), {args.strategy} CP over {args.cp} gloo process(es), "
+        f"float64; prefill under CP, then {args.tokens} greedy tokens on every rank without CP, against the plain "
+        f"model ({time.perf_counter() - start:.1f} s)"
+    )
+    ok = _print_report("last-token logits and every cache tensor (max over ranks)", errors, TOLERANCE)
+    print(f"\ngenerated (rank 0): {per_rank[0][case.name]['tokens']}")
+    print(f"tokens equal to the plain model's generate on every rank: {'yes' if tokens_ok else 'NO'}")
+    return 0 if ok and tokens_ok else 1
+
+
+COMMANDS = {"demo": demo, "verify": verify, "bench": bench, "plan": plan, "generate": generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

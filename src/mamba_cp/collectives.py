@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from .groups import UNPICKLED_GROUP, GroupRef
 from .validation import ConfigError
@@ -72,34 +73,44 @@ class PendingCollective:
         self._work, self.output, self._group, self._op, self._direction = work, output, group, op, direction
 
     def wait(self) -> torch.Tensor:
+        """The collective's output, valid once this returns (use the returned tensor: under ``torch.compile`` it
+        is a new one)."""
+        if self._work is None:  # traced (torch.compile): a functional collective, waited where the graph says
+            return torch.ops._c10d_functional.wait_tensor(self.output)
         work, self._work = self._work, None  # drop the Work object once waited on: nothing outlives the step
         try:
-            if work is not None:
-                work.wait()
+            work.wait()
         except RuntimeError as err:  # gloo reports a dead or stalled peer here, NCCL at its watchdog
             raise collective_error(err, self._group, self._op, self._direction, self.output.shape) from err
         return self.output
 
 
-def start_all_to_all(send: torch.Tensor, group: object, direction: str) -> tuple[torch.Tensor, PendingCollective]:
+def start_all_to_all(send: torch.Tensor, group: object, direction: str) -> PendingCollective:
     """Launch an equal-split all-to-all of ``send`` ``[cp, ...]`` (block ``r`` to rank ``r``) without waiting.
 
-    Work queued on the current stream before :meth:`PendingCollective.wait` overlaps the transfer. Returns the
-    (not yet valid) output buffer, shaped like ``send``, and the pending collective.
+    Work queued on the current stream before :meth:`PendingCollective.wait` overlaps the transfer; ``wait``
+    returns the output, shaped like ``send``. Under ``torch.compile`` it is a functional collective (traceable:
+    the graph keeps the wait where :meth:`~PendingCollective.wait` is called, after the work meant to overlap).
     """
     pg = require_process_group(group, "all-to-all")
     send = send.contiguous()
+    if torch.compiler.is_compiling():
+        # The functional op itself, not funcol.all_to_all_single: that wrapper waits at once while tracing, and the
+        # graph would then lose the overlap.
+        splits = [send.shape[0] // dist.get_world_size(pg)] * dist.get_world_size(pg)
+        recv = torch.ops._c10d_functional.all_to_all_single(send, splits, splits, pg.group_name)
+        return PendingCollective(None, recv, pg, "all-to-all", direction)
     recv = torch.empty_like(send)
     try:
         work = dist.all_to_all_single(recv, send, group=pg, async_op=True)
     except RuntimeError as err:
         raise collective_error(err, pg, "all-to-all", direction, send.shape) from err
-    return recv, PendingCollective(work, recv, pg, "all-to-all", direction)
+    return PendingCollective(work, recv, pg, "all-to-all", direction)
 
 
 def all_to_all(send: torch.Tensor, group: object, direction: str = "forward") -> torch.Tensor:
     """Equal-split all-to-all of ``send`` ``[cp, ...]``, waited on (not differentiable: see :class:`AllToAll`)."""
-    return start_all_to_all(send, group, direction)[1].wait()
+    return start_all_to_all(send, group, direction).wait()
 
 
 class AllToAll(torch.autograd.Function):
@@ -118,6 +129,8 @@ class AllToAll(torch.autograd.Function):
 
 def _all_gather_into(flat: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
     size = dist.get_world_size(group)
+    if torch.compiler.is_compiling():  # traceable: a functional collective
+        return funcol.wait_tensor(funcol.all_gather_tensor(flat.contiguous(), 0, group)).view(size, flat.numel())
     out = flat.new_empty(size * flat.numel())
     try:
         _all_gather_single(out, flat.contiguous(), group=group)
@@ -127,6 +140,8 @@ def _all_gather_into(flat: torch.Tensor, group: dist.ProcessGroup, direction: st
 
 
 def _reduce_scatter_rows(rows: torch.Tensor, group: dist.ProcessGroup, direction: str) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traceable: a functional collective
+        return funcol.wait_tensor(funcol.reduce_scatter_tensor(rows.contiguous().view(-1), "sum", 0, group))
     out = rows.new_empty(rows.shape[1])
     try:
         _reduce_scatter_single(out, rows.contiguous().view(-1), group=group)

@@ -189,8 +189,11 @@ def current_batch() -> BatchContext | None:
 
 
 def current_cu_seqlens(explicit: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``explicit`` when given, else the current batch context's ``cu_seqlens`` (None for BSHD / no context)."""
-    if explicit is not None:
+    """``explicit`` when given, else the current batch context's ``cu_seqlens`` (None for BSHD / no context).
+
+    Code traced by ``torch.compile`` gets ``explicit`` only: its layers read the batch's pinned plans instead
+    (:func:`mamba_cp.prepare_batch`), and a context variable cannot be traced."""
+    if explicit is not None or torch.compiler.is_compiling():
         return explicit
     ctx = current_batch()
     return None if ctx is None else ctx.cu_seqlens

@@ -25,7 +25,7 @@ import torch
 
 from .collectives import check_same_batch
 from .groups import CPGroup
-from .plan_cache import PlanCache
+from .plan_cache import PlanCache, varying
 from .validation import ConfigError, check_cu_seqlens, check_divisible, describe_fingerprint, layout_fingerprint
 
 # --------------------------------------------------------------------------------------------------
@@ -221,8 +221,6 @@ class TokenPlan:
     """``[1, T]`` int32 sequence id of each token in true order (packed batches; None for BSHD)."""
     cu_seqlens: torch.Tensor | None
     """``[S + 1]`` int64 global boundaries on the tokens' device (packed batches; None for BSHD)."""
-    bounds: tuple[int, ...] | None = None
-    """The same boundaries on the host, as validated (packed batches; None for BSHD)."""
 
     @property
     def global_len(self) -> int:
@@ -230,14 +228,22 @@ class TokenPlan:
         return self.local_len * self.cp_size
 
 
-def build_token_plan(
+def build_token_plan(*args, **kwargs) -> TokenPlan:
+    """Validate a batch's layout and build its :class:`TokenPlan` (a pure function of its arguments; see
+    :func:`_build_token_plan` for them)."""
+    return _build_token_plan(*args, **kwargs)[0]
+
+
+def _build_token_plan(
     cp_size: int,
     batch: int,
     local_len: int,
     cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str | None = None,
-) -> TokenPlan:
-    """Validate a batch's layout and build its :class:`TokenPlan` (a pure function of its arguments).
+) -> tuple[TokenPlan, list[int] | None]:
+    """Validate a batch's layout and build its :class:`TokenPlan`, with the validated boundaries on the host
+    (None for BSHD). The host values stay out of the plan: code traced by ``torch.compile`` would specialise on
+    them, and every new batch would compile again.
 
     Args:
         cp_size: ranks in the CP group.
@@ -258,18 +264,18 @@ def build_token_plan(
     else:
         if batch != 1:
             raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        bounds = tuple(check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple))
-        cu_dev = torch.tensor(bounds, dtype=torch.int64, device=dev)
+        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple)
+        cu_dev = varying(torch.tensor(bounds, dtype=torch.int64, device=dev))
         if cp_size > 1:
             positions = packed_head_tail_positions(cu_dev, cp_size, global_len)
         seq_idx = torch.bucketize(torch.arange(global_len, device=dev), cu_dev[1:], right=True)
         seq_idx = seq_idx.to(torch.int32)[None]
     if cp_size == 1:
-        return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev, bounds)
+        return TokenPlan(1, batch, local_len, None, None, seq_idx, cu_dev), bounds
     # rank-major row (r, b, j) holds sequence row b * L + positions[r, j]
     rows = torch.arange(batch, device=dev)[None, :, None] * global_len + positions[:, None, :]  # [cp, B, L_local]
     to_ranks = rows.reshape(-1)
-    return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev, bounds)
+    return TokenPlan(cp_size, batch, local_len, invert_permutation(to_ranks), to_ranks, seq_idx, cu_dev), bounds
 
 
 def token_plan(
@@ -286,15 +292,17 @@ def token_plan(
     collective), then, with more than one rank, one tiny all-gather checks that every rank describes the same
     batch (:func:`~mamba_cp.collectives.check_same_batch`): ranks that pass different lengths, different
     ``cu_seqlens`` or ``cu_seqlens`` on some ranks only would otherwise exchange buffers of the same size and
-    all finish with wrong results. Once per batch, never per layer.
+    all finish with wrong results. Once per batch, never per layer. The plan is pinned as the batch's current
+    one, which is what code traced by ``torch.compile`` gets (:meth:`~mamba_cp.plan_cache.PlanCache.pin`).
     """
+    if torch.compiler.is_compiling():  # traced: the plan comes in as data, built before the graph
+        return cache.pinned(("token",))
     key = (group.size, batch, local_len, str(device))
 
     def build() -> TokenPlan:
-        plan = build_token_plan(group.size, batch, local_len, cu_seqlens, device)
+        plan, bounds = _build_token_plan(group.size, batch, local_len, cu_seqlens, device)
         if group.size > 1:
-            bounds = None if plan.bounds is None else list(plan.bounds)
             check_same_batch(group.group, layout_fingerprint(local_len, batch, bounds), describe_fingerprint)
         return plan
 
-    return cache.get("token", key, cu_seqlens, build)
+    return cache.pin(("token",), cache.get("token", key, cu_seqlens, build))

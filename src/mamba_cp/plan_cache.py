@@ -19,6 +19,7 @@ Keys. Shape-only plans (BSHD) are keyed by their arguments. Packed plans also de
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Hashable
 from typing import TypeVar
@@ -48,9 +49,10 @@ class PlanCache:
     counts the calls to ``build`` per kind (tests use it to prove per-batch reuse).
     """
 
-    def __init__(self, capacity: int = 8) -> None:
+    def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
         self._entries: list[tuple[tuple, weakref.ref | None, object]] = []
+        self._pinned: dict[tuple, object] = {}
         self.builds: dict[str, int] = {}
 
     def get(self, kind: str, key: tuple, cu_seqlens: torch.Tensor | None, build: Callable[[], T]) -> T:
@@ -66,9 +68,36 @@ class PlanCache:
         del self._entries[self.capacity :]
         return value
 
+    def keys(self, kind: str) -> list[tuple]:
+        """The keys of the cached objects of ``kind``, most recently used first."""
+        return [key for (entry_kind, key, _), _, _ in self._entries if entry_kind == kind]
+
+    def pin(self, name: tuple, value: T) -> T:
+        """Make ``value`` the current batch's object called ``name`` (e.g. ``("token",)``) and return it.
+
+        Every eager lookup pins what it returns; :func:`mamba_cp.prepare_batch` pins a whole model's objects
+        before a compiled call. Code traced by ``torch.compile`` reads them with :meth:`pinned`, since no cache
+        lookup (host reads of ``cu_seqlens``, weak references) can run inside a graph; the objects are plain data
+        (frozen dataclasses of tensors and ints), so a new batch of the same shapes needs no recompilation.
+        """
+        self._pinned[name] = value
+        return value
+
+    def pinned(self, name: tuple):
+        """The current batch's object called ``name`` (see :meth:`pin`)."""
+        value = self._pinned.get(name)
+        if value is None:
+            raise RuntimeError(
+                f"mamba_cp: no batch plan {name} was prepared for this compiled call: call "
+                "mamba_cp.prepare_batch(model, hidden_states_or_ids, cu_seqlens) before it each step (transformers "
+                "models parallelized by mamba_cp do it in their forward pre-hook; compile their layers, not the model)"
+            )
+        return value
+
     def clear(self) -> None:
-        """Forget every cached object."""
+        """Forget every cached and pinned object."""
         self._entries.clear()
+        self._pinned.clear()
 
     def __deepcopy__(self, memo: dict) -> PlanCache:
         # A copy of a model starts with an empty cache (plans are rebuilt on first use): no tensors are copied.
@@ -81,3 +110,15 @@ class PlanCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["capacity"])
+
+
+def varying(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (returned) with its dim 0 marked dynamic for ``torch.compile``: an index list whose length follows the
+    batch's documents, so a new pack reuses the compiled graph instead of compiling again for each length."""
+    # Only once torch.compile has loaded the compiler (torch.compile(...) imports it when wrapping, before any plan
+    # is built): importing it from eager code would keep the default process group alive past
+    # destroy_process_group, and an eager run reads no marks.
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and t.dim() and t.shape[0] > 1:  # sizes 0 and 1 are specialised whatever the mark
+        dynamo.maybe_mark_dynamic(t, 0)
+    return t

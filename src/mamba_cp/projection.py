@@ -103,10 +103,10 @@ class ProjectScatter(torch.autograd.Function):
                 torch.mm(h_TD, w_send[j].t(), out=send[j])
             else:
                 torch.addmm(b_send[j], h_TD, w_send[j].t(), out=send[j])
-        recv, pending = start_all_to_all(send, group, "forward")
+        pending = start_all_to_all(send, group, "forward")
         z = h_TD.new_empty(tokens, layout.z_width)
         _project_z_rows(h_TD, weight, bias, layout, z, slice(0, rows_a))  # while x|B|C|dt travel
-        pending.wait()
+        recv = pending.wait()
         out = recv.view(cp * tokens, layout.width_local)
         if plan.to_sequence is not None:  # rank-major -> true order (head-tail undo, packed interleave)
             out = out.index_select(0, plan.to_sequence)
@@ -125,13 +125,13 @@ class ProjectScatter(torch.autograd.Function):
         if plan.to_ranks is not None:
             dsend = dsend.index_select(0, plan.to_ranks)
         dsend = dsend.view(cp, tokens, wl)
-        drecv, pending = start_all_to_all(dsend, ctx.group(), "backward")
+        pending = start_all_to_all(dsend, ctx.group(), "backward")
         # While the x|B|C|dt gradients travel home: dh of z (all rows; GatherGate passed dz through).
         dh = torch.mm(dz, weight[: layout.z_width]) if need_h else None
         # The z rows' weight/bias gradients are GatherGate's: zeros here.
         dweight = weight.new_zeros(weight.shape) if need_w else None
         dbias = weight.new_zeros(weight.shape[0]) if need_b and ctx.has_bias else None
-        pending.wait()
+        drecv = pending.wait()
         # Gathered again rather than saved from the forward: one weight-sized copy per layer's backward instead
         # of holding it for every layer between forward and backward.
         w_send = weight.index_select(0, layout.send_rows).view(cp, wl, -1)
@@ -162,9 +162,9 @@ class GatherGate(torch.autograd.Function):
         send = y_heads.reshape(cp * tokens, width)
         if plan.to_ranks is not None:  # true order -> rank-major (head-tail redo, packed interleave)
             send = send.index_select(0, plan.to_ranks)
-        recv, pending = start_all_to_all(send.view(cp, tokens, width), group, "forward")
+        pending = start_all_to_all(send.view(cp, tokens, width), group, "forward")
         _project_z_rows(h_TD, weight, bias, layout, z_TW, slice(rows_a, tokens))  # while y travels
-        pending.wait()
+        recv = pending.wait()
         ctx.mark_dirty(z_TW)
         ctx.save_for_backward(h_TD, weight)
         ctx.layout, ctx.plan, ctx.group, ctx.has_bias = layout, plan, GroupRef(group), bias is not None
@@ -178,7 +178,7 @@ class GatherGate(torch.autograd.Function):
         cp, tokens = plan.cp_size, h_TD.shape[0]
         width = dy.shape[-1] // cp
         dsend = dy.reshape(tokens, cp, width).transpose(0, 1).contiguous()
-        drecv, pending = start_all_to_all(dsend, ctx.group(), "backward")
+        pending = start_all_to_all(dsend, ctx.group(), "backward")
         # While dy travels to the heads: the weight and bias gradients of z.
         dweight = dbias = None
         if ctx.needs_input_grad[3]:
@@ -187,7 +187,7 @@ class GatherGate(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[4]:
             dbias = weight.new_zeros(weight.shape[0])
             dbias[: layout.z_width] = dz.sum(0)
-        pending.wait()
+        drecv = pending.wait()
         dy_heads = drecv.view(cp * tokens, width)
         if plan.to_sequence is not None:
             dy_heads = dy_heads.index_select(0, plan.to_sequence)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.segment_scan import SegmentWork, build_segment_work, row_segments
-from .plan_cache import PlanCache
+from .plan_cache import PlanCache, varying
 from .validation import ConfigError, check_cu_seqlens, layout_fingerprint
 
 
@@ -170,13 +170,13 @@ def _packed_index(seg_len_S: torch.Tensor, halo: int, device) -> tuple[PackedInd
     index = PackedIndex(
         seg_idx=token_seg.to(device, torch.int32)[None],
         token_seg=token_seg.to(device),
-        seg_first=seg_first.to(device),
-        seg_stop=seg_stop.to(device),
-        tail_tokens=tail_tokens.to(device),
-        tail_slots=tail_slots.to(device),
-        head_src=head_src.to(device),
-        head_slots=head_slots.to(device),
-        head_tokens=head_tokens.to(device),
+        seg_first=varying(seg_first.to(device)),
+        seg_stop=varying(seg_stop.to(device)),
+        tail_tokens=varying(tail_tokens.to(device)),
+        tail_slots=varying(tail_slots.to(device)),
+        head_src=varying(head_src.to(device)),
+        head_slots=varying(head_slots.to(device)),
+        head_tokens=varying(head_tokens.to(device)),
     )
     work = build_segment_work(seg_first.tolist(), seg_stop.tolist(), total, device)
     return index, work
@@ -247,8 +247,8 @@ def build_segment_plan(
         seg_len=seg_len,
         chain_pos=chain_pos.to(device),
         chain_before=chain_before.to(device),
-        halo_rows=halo_rows.to(device),
-        halo_slots=halo_slots.to(device),
+        halo_rows=varying(halo_rows.to(device)),
+        halo_slots=varying(halo_slots.to(device)),
         packed=packed,
         work=work,
         fingerprint=fingerprint.to(device),
@@ -269,6 +269,9 @@ def segment_plan(
 ) -> SegmentPlan:
     """The batch's :class:`SegmentPlan` from ``cache`` (built and validated by :func:`build_segment_plan` on
     first use; every layer of a step with the same conv width and chunk size gets the same object)."""
+    name = ("segment", halo, block_size)
+    if torch.compiler.is_compiling():  # traced: the plan comes in as data, built before the graph
+        return cache.pinned(name)
     key = (cp_size, cp_rank, batch, local_len, halo, block_size, str(device))
 
     def build() -> SegmentPlan:
@@ -283,4 +286,4 @@ def segment_plan(
             device=device,
         )
 
-    return cache.get("segment", key, cu_seqlens, build)
+    return cache.pin(name, cache.get("segment", key, cu_seqlens, build))

@@ -35,6 +35,28 @@ class SSMShape:
         return self.d_inner + 2 * self.n_groups * self.d_state
 
 
+def decay_rates(A_log_H: torch.Tensor) -> torch.Tensor:
+    """``A = -exp(A_log)`` ``[H]``: each head's decay rate (float32 for half-precision parameters)."""
+    return -torch.exp(A_log_H.float() if A_log_H.dtype in (torch.float16, torch.bfloat16) else A_log_H)
+
+
+def conv_split(
+    xBC_BLC: torch.Tensor,
+    conv_weight_CK: torch.Tensor,
+    conv_bias_C: torch.Tensor | None,
+    seq_idx_BL: torch.Tensor | None,
+    shape: SSMShape,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv (SiLU) of ``[B, L, conv_dim]``, split into ``x`` ``[B, L, H, P]`` and ``B``, ``C``
+    ``[B, L, G, N]`` (``seq_idx_BL`` stops the conv at sequence boundaries)."""
+    b, length, _ = xBC_BLC.shape
+    xBC = kernels.causal_conv1d(xBC_BLC, conv_weight_CK, conv_bias_C, seq_idx=seq_idx_BL, activation="silu")
+    gn = shape.n_groups * shape.d_state
+    x, B, C = torch.split(xBC, [shape.d_inner, gn, gn], dim=-1)
+    groups = (b, length, shape.n_groups, shape.d_state)
+    return x.reshape(b, length, shape.num_heads, shape.head_dim), B.reshape(groups), C.reshape(groups)
+
+
 def conv_ssd(
     xBC_BLC: torch.Tensor,
     dt_BLH: torch.Tensor,
@@ -54,20 +76,9 @@ def conv_ssd(
     ``seq_idx_BL`` (packed batches) stops both the conv and the scan at sequence boundaries.
     """
     b, length, _ = xBC_BLC.shape
-    xBC = kernels.causal_conv1d(xBC_BLC, conv_weight_CK, conv_bias_C, seq_idx=seq_idx_BL, activation="silu")
-    gn = shape.n_groups * shape.d_state
-    x, B, C = torch.split(xBC, [shape.d_inner, gn, gn], dim=-1)
+    x, B, C = conv_split(xBC_BLC, conv_weight_CK, conv_bias_C, seq_idx_BL, shape)
     y = kernels.ssd_chunk_scan(
-        x.reshape(b, length, shape.num_heads, shape.head_dim),
-        dt_BLH,
-        -torch.exp(A_log_H.float() if A_log_H.dtype in (torch.float16, torch.bfloat16) else A_log_H),
-        B.reshape(b, length, shape.n_groups, shape.d_state),
-        C.reshape(b, length, shape.n_groups, shape.d_state),
-        chunk_size,
-        D=D_H,
-        dt_bias=dt_bias_H,
-        seq_idx=seq_idx_BL,
-        dt_softplus=True,
-        dt_limit=dt_limit,
-    )
+        x, dt_BLH, decay_rates(A_log_H), B, C, chunk_size,
+        D=D_H, dt_bias=dt_bias_H, seq_idx=seq_idx_BL, dt_softplus=True, dt_limit=dt_limit,
+    )  # fmt: skip
     return y.reshape(b, length, shape.d_inner)

@@ -380,8 +380,7 @@ OUTPUTS = {"final", "dx", "dB", "dw", "y", "dy0", "dC", "dh_in", "dscale"}
 
 
 @pytest.fixture(scope="module")
-def interpreter_report() -> dict:
-    pytest.importorskip("triton")
+def interpreter_report(triton_required) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     layouts = {"packed": [*PACKED, 24], "bshd": [*BSHD, 12]}  # piece_tokens: 2-3 pieces per long segment
     run = subprocess.run(

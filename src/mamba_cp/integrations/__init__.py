@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import torch.nn as nn
 
 from ..groups import CPGroup
@@ -36,4 +37,15 @@ def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -
     return module
 
 
-__all__ = ["convert_mixers", "parallelize_attention"]
+def prepare_attention(
+    module: nn.Module, batch: int, local_len: int, cu_seqlens: torch.Tensor | None, device: torch.device | str
+) -> None:
+    """Build and pin the plan and mask of one batch for every CP attention layer in ``module`` (see
+    :func:`mamba_cp.prepare_batch`)."""
+    if "transformers" in sys.modules:
+        from . import transformers as hf
+
+        hf.prepare_attention(module, batch, local_len, cu_seqlens, device)
+
+
+__all__ = ["convert_mixers", "parallelize_attention", "prepare_attention"]

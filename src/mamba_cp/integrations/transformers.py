@@ -60,6 +60,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
 from ..attention import MaskCache, UlyssesAttention
+from ..batch_plans import prepare_batch
 from ..context import current_cu_seqlens
 from ..document_attention import DEFAULT_BLOCK_SIZE, document_attention, resolve_backend
 from ..groups import CPGroup
@@ -300,6 +301,18 @@ class AttentionContextParallel:
             scale = getattr(module, "scaling", None)
         return scale, kwargs.get("softcap")
 
+    def prepare(self, batch: int, local_len: int, cu_seqlens: torch.Tensor | None, device) -> None:
+        """Build and pin this batch's plan and, where the layer needs one built on the host, its mask (for
+        compiled layers: :func:`mamba_cp.prepare_batch`)."""
+        plan = self.ulysses.plan_for(batch, local_len, cu_seqlens, device)
+        mode = self._mode(plan.seq_idx is not None)
+        if mode == "document":
+            backend = resolve_backend(self.packed_attention, torch.device(device))
+            kind = "document" if backend == "flex" else "document-blocks"
+            self.masks.get(plan, kind, device=device, block_size=self.block_size)
+        elif mode == "varlen":
+            self.masks.get(plan, "varlen")
+
     def __call__(self, module: nn.Module, query, key, value, attention_mask, **kwargs):
         """``query`` ``[B, H, L_local, d]``, ``key``/``value`` ``[B, H_kv, L_local, d]`` -> ``[B, L_local, H, d]``."""
         if attention_mask is not None:
@@ -395,7 +408,7 @@ def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -
     anything is changed. Returns the attention layers' names.
     """
     layers = _attention_layers(module)
-    masks = MaskCache()
+    masks = MaskCache(plans)
     states = []
     for name, layer in layers:
         previous = getattr(layer, "context_parallel", None)
@@ -431,6 +444,14 @@ def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -
     for layer, state in states:
         layer.context_parallel = state
     return [name for name, _ in layers]
+
+
+def prepare_attention(module: nn.Module, batch: int, local_len: int, cu_seqlens: torch.Tensor | None, device) -> None:
+    """:meth:`AttentionContextParallel.prepare` for every CP attention layer in ``module``."""
+    for sub in module.modules():
+        state = sub.__dict__.get("context_parallel")
+        if isinstance(state, AttentionContextParallel):
+            state.prepare(batch, local_len, cu_seqlens, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,6 +501,11 @@ class _ModelHook:
 
         if "use_cache" in names and get("use_cache") is None:
             put("use_cache", False)
+        if self.group.size > 1 and "use_cache" in names and get("use_cache"):  # before any collective
+            raise ValueError(
+                f"{type(module).__name__}: a generation cache cannot be built under context parallelism; call the "
+                "model with use_cache=False (for a prompt's cache use mamba_cp.prefill)"
+            )
         mask = get("attention_mask") if "attention_mask" in names else None
         if isinstance(mask, torch.Tensor) and self.group.size > 1:
             # Decided from the argument alone, so every rank decides the same before any collective (its values
@@ -498,7 +524,65 @@ class _ModelHook:
                 )
             put("attention_mask", None)
         self.inputs(module, self.signature, get, put)  # positions, labels, layout checks: mamba_cp.training
+        tokens = get("input_ids") if "input_ids" in names else None
+        if tokens is None and "inputs_embeds" in names:
+            tokens = get("inputs_embeds")
+        batched = isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and get("past_key_values") is None
+        if batched and (self.group.size > 1 or current_cu_seqlens() is not None):
+            # Every layer's plan for this batch, built and pinned outside any compiled layer.
+            prepare_batch(module, tokens.shape[0], tokens.shape[1], None, tokens.device)
         return tuple(args), kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation on a parallelized model: CP off for a block (mamba_cp.decoding)
+# --------------------------------------------------------------------------------------------------
+
+
+class ContextParallelOff:
+    """``with ContextParallelOff(model):`` runs a parallelized transformers model as the plain transformers model.
+
+    For the block, every config switched to ``"mamba_cp"`` attention gets its layers' own implementation back
+    (``sdpa``, ``eager``, ...: transformers builds its own masks and cached-key attention again) and the
+    model's pre-hooks (true positions, ``use_cache=False``, no padding) are off; on exit both are restored (the
+    same hook objects). The mixers' strategies are :func:`mamba_cp.decoding`'s business (it turns them local,
+    so that a mixer given a cache runs the transformers forward). Not re-entrant; not thread-safe.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._configs: list[object] = []
+        self._hooks: list[tuple[nn.Module, Callable]] = []
+
+    def __enter__(self) -> nn.Module:
+        own: dict[int, str] = {}
+        for sub in self.module.modules():
+            state = getattr(sub, "context_parallel", None)
+            if isinstance(state, AttentionContextParallel):
+                own.setdefault(id(sub.config), state.inner or "eager")
+        fallback = next(iter(own.values()), "eager")  # a model's configs share its layers' implementation
+        seen: set[int] = set()
+        for sub in self.module.modules():
+            config = sub.__dict__.get("config")
+            if config is None or id(config) in seen:
+                continue
+            seen.add(id(config))
+            if getattr(config, "_attn_implementation", None) == _ATTENTION_NAME:
+                config._attn_implementation = own.get(id(config), fallback)
+                self._configs.append(config)
+        for sub in self.module.modules():
+            handle = sub.__dict__.get("_mamba_cp_pre_hook")
+            if handle is not None and handle.id in sub._forward_pre_hooks:
+                self._hooks.append((sub, sub._forward_pre_hooks[handle.id]))
+                handle.remove()
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for config in self._configs:
+            config._attn_implementation = _ATTENTION_NAME
+        for sub, hook in self._hooks:
+            sub._mamba_cp_pre_hook = sub.register_forward_pre_hook(hook, with_kwargs=True)
+        self._configs, self._hooks = [], []
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from typing import Literal
 import torch
 
 from ..double_backward import refuse_double_backward
+from ..plan_cache import varying
 
 __all__ = [
     "SegmentWork",
@@ -220,7 +221,7 @@ def build_segment_work(
     tiles = torch.stack([run_seg[run_of], tile_first, tile_stop], 1)
 
     def dev32(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=torch.int32).contiguous()
+        return varying(t.to(device=device, dtype=torch.int32).contiguous())
 
     return SegmentWork(
         total_tokens=total_tokens,
@@ -233,8 +234,8 @@ def build_segment_work(
         multi_segments=dev32(torch.arange(num)[multi]),
         multi_bounds=dev32(multi_bounds),
         tiles=dev32(tiles),
-        seg_first=first.to(device),
-        seg_stop=stop.to(device),
+        seg_first=varying(first.to(device)),
+        seg_stop=varying(stop.to(device)),
         longest_piece_bucket=_pow2_at_least_16(longest),
     )
 

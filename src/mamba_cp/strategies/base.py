@@ -62,6 +62,22 @@ class SSMParams:
     """``[H]`` skip weight."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinalStates:
+    """A mixer's state after a prompt, per sequence, in the layout of transformers' generation cache
+    (``LinearAttentionLayer``: ``recurrent_states`` and ``conv_states``), on every rank of the CP group.
+
+    ``S`` is the number of sequences: ``B`` for BSHD, one per packed sequence (in ``cu_seqlens`` order).
+    """
+
+    ssm: torch.Tensor
+    """``[S, H, P, N]`` the SSD state after each sequence's last token, in the scan's compute dtype (float32 for
+    half and float32 activations, float64 for float64)."""
+    conv: torch.Tensor
+    """``[S, C, K]`` the last ``K`` (conv width) pre-conv inputs ``x | B | C`` of each sequence in true order
+    (zeros before its start when it is shorter than ``K``), in the activations' dtype."""
+
+
 class Strategy(Protocol[PlanT]):
     """How a mixer's conv + scan runs: locally (:class:`~mamba_cp.strategies.local.LocalStrategy`) or under
     context parallelism (:mod:`~mamba_cp.strategies.hidden`, :mod:`~mamba_cp.strategies.state_passing`).
@@ -80,6 +96,14 @@ class Strategy(Protocol[PlanT]):
     def scan(
         self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: PlanT
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def scan_with_states(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: PlanT
+    ) -> tuple[torch.Tensor, torch.Tensor, FinalStates]:
+        """:meth:`scan`, plus every sequence's :class:`FinalStates` (the same on every rank of the group): what
+        generation continues from after a prompt (:func:`mamba_cp.prefill`). Forward only (run under
+        ``torch.no_grad()``); may issue one more collective than :meth:`scan`."""
+        ...
 
 
 def project(h_BLD: torch.Tensor, in_proj: nn.Module, shape: SSMShape) -> tuple[torch.Tensor, ...]:

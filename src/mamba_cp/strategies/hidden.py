@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..collectives import all_gather
 from ..consistency import check_ranks_agree
 from ..groups import CPGroup
 from ..layout import TokenPlan, token_plan
@@ -28,7 +29,8 @@ from ..projection import ProjectionLayout, gather_gate, project_scatter, project
 from ..ssm_block import SSMShape, conv_ssd
 from ..transport import heads_to_seq, seq_to_heads
 from ..validation import batch_dims, check_divisible
-from .base import SSMConfig, SSMParams, project
+from .base import FinalStates, SSMConfig, SSMParams, project
+from .final_states import conv_ssd_with_states, sequence_ranges
 
 
 def own_storage(z_BLW: torch.Tensor) -> torch.Tensor:
@@ -169,8 +171,10 @@ class HiddenParallel:
     def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> TokenPlan:
         """The batch plan for sequence-sharded ``[B, L_local, W]`` / ``[T_local, W]`` (validated, cached)."""
         batch, local_len = batch_dims(hidden_states, cu_seqlens)
-        if self.debug:  # first: it names what differs, where the plan's own check can only say that something does
-            check_ranks_agree(self.group, hidden_states, cu_seqlens)
+        if not torch.compiler.is_compiling():
+            if self.debug:  # first: it names what differs, where the plan's own check can only say that something does
+                check_ranks_agree(self.group, hidden_states, cu_seqlens)
+            self.projection_layout(hidden_states.device)  # made here, eagerly, not inside a compiled graph
         return token_plan(self.plans, self.group, batch, local_len, cu_seqlens, hidden_states.device)
 
     # ------------------------------------------------------------------ the layer
@@ -180,12 +184,32 @@ class HiddenParallel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` ``[B, L_local, D]`` -> ``y`` ``[B, L_local, H*P]`` (with the D skip, before gating) and the gate
         ``z`` ``[B, L_local, H*P]``, which never leaves this rank."""
+        y, z, _ = self._scan(h_BLD, in_proj, params, plan, with_states=False)
+        return y, z
+
+    def _scan(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: TokenPlan, *, with_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, FinalStates | None]:
+        """:meth:`scan`, fused with the in_proj or not, plus (``with_states``) this rank's heads'
+        :class:`FinalStates` (:meth:`local_conv_ssd_with_states`)."""
+
+        def local(xBC_local: torch.Tensor, dt_local: torch.Tensor) -> tuple[torch.Tensor, FinalStates | None]:
+            if with_states:
+                return self.local_conv_ssd_with_states(xBC_local, dt_local, params, plan)
+            return self.local_conv_ssd(xBC_local, dt_local, params, plan), None
+
         if self._fuses(h_BLD, in_proj):
-            return self._fused_scan(h_BLD, in_proj, params, plan)
+            b, l_local, _ = h_BLD.shape
+            h_TD, weight, bias = h_BLD.reshape(b * l_local, -1), in_proj.weight, in_proj.bias
+            layout = self.projection_layout(h_BLD.device)
+            z, ordered = project_scatter(h_TD, weight, bias, layout, plan, self.group.group)
+            shape = self.shard.local_shape
+            y_local, states = local(*torch.split(ordered, [shape.conv_dim, shape.num_heads], dim=-1))
+            y, z = gather_gate(y_local, z, h_TD, weight, bias, layout, plan, self.group.group)
+            return y, z, states
         z, xBC, dt = project(h_BLD, in_proj, self.config.shape)
-        xBC_local, dt_local = self.scatter(xBC, dt, plan)
-        y = self.gather(self.local_conv_ssd(xBC_local, dt_local, params, plan), plan)
-        return y, own_storage(z)
+        y_local, states = local(*self.scatter(xBC, dt, plan))
+        return self.gather(y_local, plan), own_storage(z), states
 
     def _fuses(self, h_BLD: torch.Tensor, in_proj: nn.Module) -> bool:
         # Only a plain nn.Linear that nothing hooks may be bypassed: the fused path reads its weight directly.
@@ -198,18 +222,6 @@ class HiddenParallel:
             and not torch.is_autocast_enabled(h_BLD.device.type)
         )
 
-    def _fused_scan(
-        self, h_BLD: torch.Tensor, in_proj: nn.Linear, params: SSMParams, plan: TokenPlan
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, l_local, _ = h_BLD.shape
-        h_TD, weight, bias = h_BLD.reshape(b * l_local, -1), in_proj.weight, in_proj.bias
-        layout = self.projection_layout(h_BLD.device)
-        z, ordered = project_scatter(h_TD, weight, bias, layout, plan, self.group.group)
-        local = self.shard.local_shape
-        xBC_local, dt_local = torch.split(ordered, [local.conv_dim, local.num_heads], dim=-1)
-        y_local = self.local_conv_ssd(xBC_local, dt_local, params, plan)
-        return gather_gate(y_local, z, h_TD, weight, bias, layout, plan, self.group.group)
-
     def projection_layout(self, device: torch.device) -> ProjectionLayout:
         """Which in_proj rows go to which rank (built once per device)."""
         key = str(device)
@@ -217,7 +229,8 @@ class HiddenParallel:
         if layout is None:
             s = self.shard
             layout = projection_layout(s.num_heads, s.head_dim, s.n_groups, s.d_state, s.cp_size, device)
-            self._projection_layouts[key] = layout
+            if not torch.compiler.is_compiling():  # a graph must not fill the dict it was traced reading
+                self._projection_layouts[key] = layout
         return layout
 
     def scatter(
@@ -250,10 +263,12 @@ class HiddenParallel:
     ) -> torch.Tensor:
         """conv1d + SSD of this rank's heads over whole sequences: ``[B, L, conv_dim_local]``,
         ``[B, L, H_local]`` -> ``y`` ``[B, L, d_inner_local]``, with this rank's parameter slices."""
+        return conv_ssd(xBC_local, dt_local, **self._local_args(params, plan))
+
+    def _local_args(self, params: SSMParams, plan: TokenPlan) -> dict:
+        """The keyword arguments of :func:`~mamba_cp.ssm_block.conv_ssd` for this rank's heads."""
         s, config = self.shard, params.config
-        return conv_ssd(
-            xBC_local,
-            dt_local,
+        return dict(
             shape=s.local_shape,
             conv_weight_CK=s.slice_conv(params.conv_weight_CK),
             conv_bias_C=None if params.conv_bias_C is None else s.slice_conv(params.conv_bias_C),
@@ -264,6 +279,55 @@ class HiddenParallel:
             dt_limit=config.dt_limit,
             seq_idx_BL=plan.seq_idx,
         )
+
+    # ------------------------------------------------------------------ prefill: the layer and its final states
+
+    def scan_with_states(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: TokenPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, FinalStates]:
+        """:meth:`scan` (the same path, fused or not), plus every sequence's :class:`FinalStates` over all heads on
+        every rank: each rank computes its heads' states and conv channels over whole sequences, and one
+        all-gather of those (``S * (H*P*N + C*K) / cp`` values per rank) puts them together."""
+        y, z, states = self._scan(h_BLD, in_proj, params, plan, with_states=True)
+        return y, z, self.gather_final_states(states)
+
+    def local_conv_ssd_with_states(
+        self, xBC_local: torch.Tensor, dt_local: torch.Tensor, params: SSMParams, plan: TokenPlan
+    ) -> tuple[torch.Tensor, FinalStates]:
+        """:meth:`local_conv_ssd` plus this rank's heads' final states ``[S, H_local, P, N]`` and conv channels
+        ``[S, conv_dim_local, K]`` of every sequence (whole sequences are here: no collective)."""
+        ranges = None if plan.cu_seqlens is None else sequence_ranges(self.plans, plan, xBC_local.device)
+        return conv_ssd_with_states(xBC_local, dt_local, ranges=ranges, **self._local_args(params, plan))
+
+    def gather_final_states(self, local: FinalStates) -> FinalStates:
+        """Every rank's heads' :class:`FinalStates` -> all heads and conv channels, on every rank. One all-gather
+        (the conv inputs travel in the states' dtype, float32 or float64, which holds them exactly).
+
+        Heads are in rank order; conv channels are ``x`` (rank order), then ``B`` and ``C`` groups, each group
+        taken from the first rank that holds it (with ``G < cp`` the ``cp / G`` ranks of a group hold copies)."""
+        s = self.shard
+        ssm, conv = local.ssm, local.conv
+        num_seqs, width = conv.shape[0], conv.shape[-1]
+        flat = torch.cat([ssm.reshape(-1), conv.to(ssm.dtype).reshape(-1)])
+        rows = all_gather(flat, self.group.group)  # [cp, n]
+        n_ssm = ssm.numel()
+        ssm_all = rows[:, :n_ssm].view(s.cp_size, *ssm.shape).transpose(0, 1).flatten(1, 2)  # [S, H, P, N]
+        conv_all = rows[:, n_ssm:].view(s.cp_size, num_seqs, -1, width)  # [cp, S, C_local, K]
+        x_w, bc_w = s.d_inner_local, s.n_groups_local * s.d_state
+        owners = torch.arange(0, s.cp_size, s.group_repeat_count, device=rows.device)  # one rank per group block
+
+        def channels(part: torch.Tensor) -> torch.Tensor:  # [ranks, S, w, K] -> [S, ranks * w, K]
+            return part.transpose(0, 1).flatten(1, 2)
+
+        conv_full = torch.cat(
+            [
+                channels(conv_all[:, :, :x_w]),
+                channels(conv_all.index_select(0, owners)[:, :, x_w : x_w + bc_w]),
+                channels(conv_all.index_select(0, owners)[:, :, x_w + bc_w :]),
+            ],
+            dim=1,
+        )
+        return FinalStates(ssm=ssm_all, conv=conv_full.to(conv.dtype))
 
     def __repr__(self) -> str:
         s = self.shard

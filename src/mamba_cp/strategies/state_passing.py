@@ -49,9 +49,10 @@ from ..groups import CPGroup
 from ..kernels.segment_scan import segment_states, state_correction
 from ..kernels.ssd_reference import process_dt
 from ..plan_cache import PlanCache
-from ..segments import SegmentPlan, segment_plan
+from ..segments import SegmentPlan, chain_rank, segment_plan
+from ..ssm_block import decay_rates
 from ..validation import ConfigError, batch_dims, describe_fingerprint
-from .base import SSMConfig, SSMParams, project
+from .base import FinalStates, SSMConfig, SSMParams, project
 
 
 def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ class StatePassing:
             block_size=c.chunk_size,
             device=hidden_states.device,
         )
-        if self.debug:
+        if self.debug and not torch.compiler.is_compiling():
             check_ranks_agree(self.group, hidden_states, cu_seqlens)
         return plan
 
@@ -132,40 +133,48 @@ class StatePassing:
     ) -> torch.Tensor:
         """conv1d + SSD of this rank's tokens: ``xBC`` ``[B, L_local, C]``, ``dt`` ``[B, L_local, H]`` ->
         ``y`` ``[B, L_local, H*P]`` (with the ``D`` skip; before gating and norm)."""
+        return self._conv_ssd(xBC_BLC, dt_BLH, params, plan, with_states=False)[0]
+
+    def _conv_ssd(
+        self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, params: SSMParams, plan: SegmentPlan, *, with_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`conv_ssd`'s ``y``, and with ``with_states`` the true state at the end of this rank's tail segment
+        of every sequence ``[S, H, P, N]`` (prefill's final states; ``None`` otherwise)."""
         shape = self.shape
         b, local_len, _ = xBC_BLC.shape
         xBC = self.conv(xBC_BLC, params, plan)
         gn = shape.n_groups * shape.d_state
         x, B, C = torch.split(xBC, [shape.d_inner, gn, gn], dim=-1)
         cdtype = _compute_dtype(x.dtype)
-        A_log = params.A_log_H
-        A_H = -torch.exp(A_log.float() if A_log.dtype in (torch.float16, torch.bfloat16) else A_log)
+        A_H = decay_rates(params.A_log_H)
         dt_BLH_p = process_dt(dt_BLH, params.dt_bias_H, True, params.config.dt_limit, dtype=cdtype)
         dA_BLH = dt_BLH_p * A_H.to(cdtype)  # log decay of each token
         ssd = self._ssd_rows if plan.packed is None else self._ssd_packed
-        y = ssd(x, dt_BLH, A_H, B, C, dt_BLH_p, dA_BLH, params, plan)
-        return y.reshape(b, local_len, shape.d_inner)
+        y, tail_end = ssd(x, A_H, B, C, dt_BLH_p, dA_BLH, params, plan, with_states)
+        return y.reshape(b, local_len, shape.d_inner), tail_end
 
-    def _kernel(self, x, dt, A, B, C, params: SSMParams, **kw) -> torch.Tensor:
-        """The SSD kernel (from zero unless ``initial_states``); ``x`` ``[R, t, H*P]``, ``B``/``C`` ``[R, t, G*N]``."""
+    def _kernel(self, x, dt_p, A, B, C, params: SSMParams, **kw):
+        """The SSD kernel (from zero unless ``initial_states``); ``x`` ``[R, t, H*P]``, ``B``/``C`` ``[R, t, G*N]``,
+        ``dt_p`` ``[R, t, H]`` the processed time steps (bias, softplus and clamp applied once, for the summaries
+        and the kernel alike)."""
         s, config = self.shape, params.config
         return kernels.ssd_chunk_scan(
             x.unflatten(-1, (s.num_heads, s.head_dim)),
-            dt,
+            dt_p,
             A,
             B.unflatten(-1, (s.n_groups, s.d_state)),
             C.unflatten(-1, (s.n_groups, s.d_state)),
             config.chunk_size,
             D=params.D_H,
-            dt_bias=params.dt_bias_H,
-            dt_softplus=True,
-            dt_limit=config.dt_limit,
             **kw,
         )
 
-    def _ssd_rows(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
+    def _ssd_rows(
+        self, x, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan, with_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """BSHD: segments are the rows ``[2B, c]`` of ``[B, 2, c]``. Summaries by the fused kernel, then one SSD
-        call from the incoming states. Returns ``y`` ``[2B, c, H, P]``."""
+        call from the incoming states. Returns ``y`` ``[2B, c, H, P]`` and, ``with_states``, the state at the end
+        of each row's tail segment ``[B, H, P, N]`` (the kernel's final state, run from its incoming state)."""
         s = self.shape
         rows, c = 2 * plan.batch, plan.seg_len
         cdtype = dA.dtype
@@ -185,16 +194,24 @@ class StatePassing:
         h_in = self.incoming_states(
             final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
         )
-        return self._kernel(seg(x), seg(dt), A_H, seg(B), seg(C), params, initial_states=h_in.reshape(final.shape))
+        args = (seg(x), seg(dt_p), A_H, seg(B), seg(C), params)
+        if not with_states:
+            return self._kernel(*args, initial_states=h_in.reshape(final.shape)), None
+        y, end = self._kernel(*args, initial_states=h_in.reshape(final.shape), return_final_states=True)
+        return y, end.view(plan.batch, 2, *end.shape[1:])[:, 1].to(cdtype)
 
-    def _ssd_packed(self, x, dt, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan) -> torch.Tensor:
+    def _ssd_packed(
+        self, x, A_H, B, C, dt_p, dA, params: SSMParams, plan: SegmentPlan, with_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """THD: one SSD call with ``seq_idx`` = segment id, then the summaries and the correction by the fused
-        kernels over the segments' token ranges. Returns ``y`` ``[1, T_local, H, P]``."""
+        kernels over the segments' token ranges. Returns ``y`` ``[1, T_local, H, P]`` and, ``with_states``, the
+        state at the end of each sequence's tail segment ``[S, H, P, N]``: ``exp(its log decay) * h_in + its
+        final state from zero``."""
         s, pk = self.shape, plan.packed
         assert pk is not None
         t_local, cdtype = plan.local_len, dA.dtype
         heads, groups = (t_local, s.num_heads, s.head_dim), (t_local, s.n_groups, s.d_state)
-        y0 = self._kernel(x, dt, A_H, B, C, params, seq_idx=pk.seg_idx)  # [1, T, H, P]
+        y0 = self._kernel(x, dt_p, A_H, B, C, params, seq_idx=pk.seg_idx)  # [1, T, H, P]
 
         # Log decays in float64: cumsum over the whole local stream, differences per segment.
         cum = F.pad(token_cumsum(dA[0].double(), dim=0), (0, 0, 1, 0))  # [T+1, H]: cum[t] = sum over tokens < t
@@ -205,13 +222,15 @@ class StatePassing:
 
         weight_TH = after_TH.to(cdtype).exp() * dt_p[0]
         final = segment_states(x[0].view(heads), B[0].view(groups), weight_TH, plan.work)  # [2S, H, P, N]
-        h_in = self.incoming_states(
-            final.view(plan.num_seqs, 2, *final.shape[1:]), log_decay_SH.to(cdtype).view(plan.num_seqs, 2, -1), plan
-        )
+        final_S2 = final.view(plan.num_seqs, 2, *final.shape[1:])
+        decay_S2 = log_decay_SH.to(cdtype).view(plan.num_seqs, 2, -1)
+        h_in = self.incoming_states(final_S2, decay_S2, plan)
         y = state_correction(
             y0[0], C[0].view(groups), h_in.reshape(final.shape), through_TH.to(cdtype).exp(), plan.work
         )
-        return y[None]
+        if not with_states:
+            return y[None], None
+        return y[None], decay_S2[:, 1].exp()[..., None, None] * h_in[:, 1] + final_S2[:, 1]
 
     # ------------------------------------------------------------------ the two exchanges
 
@@ -274,7 +293,8 @@ class StatePassing:
         header = plan.fingerprint.to(final_S2HPN.dtype)
         flat = torch.cat([final_S2HPN.reshape(-1), log_decay_S2H.reshape(-1), header])
         gathered = all_gather(flat, self.group.group)
-        self._check_same_batch(gathered[:, n_final + n_decay :], plan)
+        if not torch.compiler.is_compiling():  # compiled runs check once per batch in prepare_batch instead
+            self._check_same_batch(gathered[:, n_final + n_decay :], plan)
         finals = gathered[:, :n_final].view(cp, *final_S2HPN.shape)
         decays = gathered[:, n_final : n_final + n_decay].view(cp, *log_decay_S2H.shape)
         # Chain order of chunks: c < cp is rank c's head segment, c >= cp is rank (2cp-1-c)'s tail segment.
@@ -303,6 +323,75 @@ class StatePassing:
             return plan
 
         self.plans.get("peer-check", (id(plan),), None, check)  # the entry holds the plan: its id stays unique
+
+    # ------------------------------------------------------------------ prefill: the layer and its final states
+
+    def scan_with_states(
+        self, h_BLD: torch.Tensor, in_proj: nn.Module, params: SSMParams, plan: SegmentPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, FinalStates]:
+        """:meth:`scan`, plus every sequence's :class:`FinalStates` on every rank (one more all-gather)."""
+        z, xBC, dt = project(h_BLD, in_proj, self.shape)
+        y, states = self.conv_ssd_with_states(xBC, dt, params, plan)
+        return y, z, states
+
+    def conv_ssd_with_states(
+        self, xBC_BLC: torch.Tensor, dt_BLH: torch.Tensor, params: SSMParams, plan: SegmentPlan
+    ) -> tuple[torch.Tensor, FinalStates]:
+        """:meth:`conv_ssd` (the same exchanges and kernels), plus the :class:`FinalStates` of every sequence.
+
+        A sequence ends in its chunk ``2*cp - 1``: rank 0's tail segment. Every rank computes the true state at
+        the end of its own tail segments (:meth:`_conv_ssd`), and takes the last ``K`` pre-conv tokens of each of
+        its segments; one all-gather of both hands every rank rank 0's states and the tokens of the chunks a
+        sequence's last ``K`` tokens lie in (several when chunks are shorter than ``K``).
+        """
+        tails = self._segment_tails(xBC_BLC, params.conv_weight_CK.shape[-1], plan)  # [2S, K, C] pre-conv
+        y, tail_end = self._conv_ssd(xBC_BLC, dt_BLH, params, plan, with_states=True)
+        return y, self._gather_final_states(tail_end, tails, plan)
+
+    def _segment_tails(self, xBC_BLC: torch.Tensor, width: int, plan: SegmentPlan) -> torch.Tensor:
+        """The last ``width`` pre-conv tokens of each of this rank's segments, zeros before a segment's start
+        when it is shorter: ``[2S, width, C]`` (device index ops, no host read)."""
+        channels = xBC_BLC.shape[-1]
+        if plan.packed is None:
+            rows, c = 2 * plan.batch, plan.seg_len
+            seg = xBC_BLC.reshape(rows, c, channels)
+            return seg[:, c - width :] if c >= width else F.pad(seg, (0, 0, width - c, 0))
+        pk = plan.packed
+        pos = pk.seg_stop[:, None] - width + torch.arange(width, device=pk.seg_stop.device)  # [2S, width]
+        picked = xBC_BLC[0].index_select(0, pos.clamp(min=0).reshape(-1)).view(*pos.shape, channels)
+        inside = (pos >= pk.seg_first[:, None])[..., None]
+        return torch.where(inside, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+    def _gather_final_states(self, tail_end: torch.Tensor, tails: torch.Tensor, plan: SegmentPlan) -> FinalStates:
+        """Every rank's tail-segment end states ``[S, H, P, N]`` and segment tails ``[2S, K, C]`` -> the
+        :class:`FinalStates` of every sequence: rank 0's states, and the last ``K`` tokens of each sequence picked
+        from the chunks they lie in. One all-gather (the tokens travel in the states' dtype, which holds them
+        exactly)."""
+        cp, num_seqs = plan.cp_size, plan.num_seqs
+        width, channels = tails.shape[1], tails.shape[2]
+        flat = torch.cat([tail_end.reshape(-1), tails.to(tail_end.dtype).reshape(-1)])
+        rows = all_gather(flat, self.group.group)  # [cp, n]
+        n_end = tail_end.numel()
+        ssm = rows[0, :n_end].view(tail_end.shape)  # rank 0's tail is every sequence's last chunk
+        gathered = rows[:, n_end:].reshape(-1, channels)  # [cp * S * 2 * K, C]
+        device = rows.device
+        if plan.packed is None:
+            seg_len = torch.full((num_seqs,), plan.seg_len, dtype=torch.int64, device=device)
+        else:
+            seg_len = (plan.packed.seg_stop - plan.packed.seg_first).view(num_seqs, 2)[:, 0]
+        # Token j of a sequence's last K sits at pos = len - K + j, in chunk pos // c, slot pos - chunk*c - c + K
+        # of that chunk's tail buffer (which holds its last K tokens).
+        pos = (2 * cp * seg_len)[:, None] - width + torch.arange(width, device=device)  # [S, K]
+        inside = pos >= 0
+        pos = pos.clamp(min=0)
+        chunk = torch.div(pos, seg_len[:, None], rounding_mode="floor")
+        src_rank, src_half = chain_rank(chunk, cp)
+        slot = pos - (chunk + 1) * seg_len[:, None] + width
+        seq = torch.arange(num_seqs, device=device)[:, None]
+        index = torch.where(inside, ((src_rank * num_seqs + seq) * 2 + src_half) * width + slot, 0)
+        last = gathered.index_select(0, index.reshape(-1)).view(num_seqs, width, channels)
+        last = torch.where(inside[..., None], last, torch.zeros((), dtype=last.dtype, device=device))
+        return FinalStates(ssm=ssm, conv=last.transpose(1, 2).to(tails.dtype))
 
     def __repr__(self) -> str:
         s, g = self.shape, self.group
