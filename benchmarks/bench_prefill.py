@@ -81,6 +81,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     return p.parse_args(argv)
 
 
@@ -246,16 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(sys.argv),
     }
     model = build_model(args, device)
-    rows = []
+    rows, start = [], time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     for length in args.lengths:
         for cp in args.cps:
             for strategy in ["plain"] if cp == 1 else strategies:
-                row = run_row(args, model, device, length, cp, strategy)
+                if time.perf_counter() - start > args.budget_s:
+                    row = {"L": length, "cp": cp, "strategy": strategy, "error": "not run: --budget-s spent"}
+                else:
+                    row = run_row(args, model, device, length, cp, strategy)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_prefill.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    (args.out / "bench_prefill.md").write_text(markdown(rows, env))
+                # after every row, so that a run stopped from outside keeps what it measured
+                (args.out / "bench_prefill.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+                (args.out / "bench_prefill.md").write_text(markdown(rows, env))
     print(markdown(rows, env))
     return 0
 

@@ -358,7 +358,10 @@ def measure_row(
         prof.export_chrome_trace(str(trace_path))
     del prof
     every = [None] * world
-    dist.all_gather_object(every, mine)
+    if getattr(args, "fake_cp", None):  # a fake group moves no objects: rank 0 stands for every rank
+        every = [mine] * world
+    else:
+        dist.all_gather_object(every, mine)
     mean = {c: sum(r["categories_ms"][c] for r in every) / world for c in CATEGORY_NAMES}
     row = {
         "impl": label,
@@ -481,6 +484,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trace", action="store_true", help="also write rank 0's chrome trace of every row to --out")
     p.add_argument("--out", default="benchmarks/results", help="folder for profile_mixer.{json,md}")
     p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument(
+        "--fake-cp", type=int, default=None, help="one process as rank 0 of a fake group of this size (compute only)"
+    )
     return p.parse_args(argv)
 
 
@@ -489,7 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dev_kind = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     mamba_ssm_import = bm.expose_mamba_ssm_triton() if dev_kind == "cuda" else "not used"
+    if args.fake_cp:  # torch's fake process group: rank 0's compute and memory, collectives move nothing
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if dev_kind == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_cp)
     rank, world, created = bm.init_distributed(dev_kind)
+    created = created or bool(args.fake_cp)
     device = torch.device("cuda", torch.cuda.current_device()) if dev_kind == "cuda" else torch.device("cpu")
     model = args.model or ("nemotron8b" if dev_kind == "cuda" else "tiny")
     lengths = [int(v) for v in (args.lengths or ("131072" if dev_kind == "cuda" else "64")).split(",")]
@@ -523,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         "time_kind": "device ms (kernels, memcpy, memset)" if dev_kind == "cuda" else "self CPU ms of ops",
         "categories": CATEGORIES,
         "nocomm_note": "no-comm steps replace every collective by a local copy: numerically wrong, compute only",
-        "command": f"torchrun --standalone --nproc-per-node {world} benchmarks/profile_mixer.py {' '.join(argv)}",
+        "command": f"python benchmarks/profile_mixer.py {' '.join(argv)}"
+        if args.fake_cp
+        else f"torchrun --standalone --nproc-per-node {world} benchmarks/profile_mixer.py {' '.join(argv)}",
+        "fake_group": bool(args.fake_cp),
         "sections": [],
     }
     if args.trace and rank == 0:

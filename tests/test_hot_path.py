@@ -36,8 +36,11 @@ PER_LAYER = {  # path -> (forward collectives, backward collectives) per layer, 
     # x|B|C|dt in, y out: one all-to-all each way, fused with in_proj or not
     "hidden_fused": ({"c10d.alltoall_base_": 2}, {"c10d.alltoall_base_": 2}),
     "hidden_unfused": ({"c10d.alltoall_base_": 2}, {"c10d.alltoall_base_": 2}),
-    # conv halos and SSD end states: two all-gathers forward, their adjoints (reduce-scatters) backward
-    "state_passing": ({"c10d._allgather_base_": 2}, {"c10d._reduce_scatter_base_": 2}),
+    # conv halos: an all-gather forward, its adjoint (a reduce-scatter) backward; segment states: two all-to-alls
+    "state_passing": (
+        {"c10d._allgather_base_": 1, "c10d.alltoall_base_": 2},
+        {"c10d._reduce_scatter_base_": 1, "c10d.alltoall_base_": 2},
+    ),
 }
 
 

@@ -33,6 +33,7 @@ from mamba_cp.plan_cache import PlanCache
 from mamba_cp.segments import build_segment_plan
 from mamba_cp.ssm_block import SSMShape
 from mamba_cp.strategies import Workload, choose_strategy, estimate_ms, hidden_can_run, state_passing
+from mamba_cp.strategies.state_chain import chain_scan
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
@@ -280,6 +281,27 @@ def test_segment_states_equal_kernel_final_states(layout: str) -> None:
     assert _worst(grads, _grads(want, v, cotangent)) < 1e-12
 
 
+@pytest.mark.parametrize("links", [2, 4, 16, 64])
+def test_chain_scan_equals_the_sequential_recurrence(links: int) -> None:
+    """The closed-form exclusive scan of :mod:`mamba_cp.strategies.state_chain` equals ``h_0 = 0,
+    h_{c+1} = exp(a_c) * h_c + final_c`` along every chain, values and gradients (float64), with decays down
+    to exp(-60) per link."""
+    g = torch.Generator().manual_seed(links)
+    finals = torch.randn(links, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    decays = (-60 * torch.rand(links, 5, dtype=torch.float64, generator=g)).requires_grad_()
+    got = chain_scan(finals, decays)
+    h, want = torch.zeros(5, 7, dtype=torch.float64), []
+    for c in range(links):
+        want.append(h)
+        h = decays[c].exp()[:, None] * h + finals[c]
+    want = torch.stack(want)
+    assert _rel(got, want) < 1e-13
+    cot = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    got_g = torch.autograd.grad(got, (finals, decays), cot)
+    want_g = torch.autograd.grad(want, (finals, decays), cot)
+    assert max(_rel(a, b) for a, b in zip(got_g, want_g, strict=True)) < 1e-13
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_state_correction_equals_kernel_initial_states(layout: str) -> None:
     """Zero-state output plus the correction equals the kernel run from ``initial_states`` = the segment's
@@ -461,7 +483,8 @@ class Stack(nn.Module):
 
 class _ByteRecorder(OpRecorder):
     """:class:`OpRecorder` that also sums the bytes of each collective's *input* (``args[1]``: for
-    ``_allgather_base_(output, input, ...)`` the buffer this rank contributes)."""
+    ``_allgather_base_(output, input, ...)`` and ``alltoall_base_(output, input, ...)`` the buffer this rank
+    hands over)."""
 
     def __init__(self, host_tensors=()) -> None:
         super().__init__(host_tensors=host_tensors)
@@ -509,12 +532,13 @@ def _hot_path() -> list[dict]:
 
 @pytest.mark.parametrize("layout", ["bshd", "thd"])
 def test_collectives_and_no_host_sync(layout: str) -> None:
-    """After the plan is cached, a step issues per layer two small all-gathers forward (conv halos,
-    state summaries) and two reduce-scatters backward; no all-to-all and no host sync."""
+    """After the plan is cached, a step issues per layer one small all-gather (conv halos) and two small
+    all-to-alls (segment states out and back) forward, a reduce-scatter and two all-to-alls backward, and no
+    host sync."""
     for rank_stats in _hot_path():
         stats = rank_stats[layout]
-        assert stats["forward"] == {"c10d._allgather_base_": 2 * LAYERS}
-        assert stats["backward"] == {"c10d._reduce_scatter_base_": 2 * LAYERS}
+        assert stats["forward"] == {"c10d._allgather_base_": LAYERS, "c10d.alltoall_base_": 2 * LAYERS}
+        assert stats["backward"] == {"c10d._reduce_scatter_base_": LAYERS, "c10d.alltoall_base_": 2 * LAYERS}
         assert stats["host_syncs"] == 0
         assert stats["plan_builds"] == 1 and stats["shared_caches"] == 1  # one plan per batch for all layers
         assert "StatePassing(cp_size=2" in stats["repr"]
@@ -527,15 +551,17 @@ def test_measured_bytes_match_traffic_model() -> None:
         for layout, num_seqs in (("bshd", 2), ("thd", 3)):
             model = state_passing_bytes(dims, 0, 2, 8, conv_kernel=4, num_seqs=num_seqs, state_bytes=8)
             assert rank_stats[layout]["forward_bytes"] == LAYERS * model["send_buffers"], layout
-            assert model["off_rank"] == model["send_buffers"]  # cp - 1 = 1 peer
+            # cp = 2: the halos all leave, half of each all-to-all buffer stays
+            assert model["off_rank"] < model["send_buffers"]
 
 
 NEMOTRON = SSMShape(num_heads=128, head_dim=64, n_groups=8, d_state=128)
 """NemotronH-8B-like mixer (d_model 4096, d_conv 4) at L = 128K, bf16, B = 1; summaries in float32."""
 NEMOTRON_OFF_RANK = {  # cp: (state passing, hidden-parallel) bytes one rank sends per layer forward
-    2: (8_512_532, 1_216_348_160),
-    4: (25_537_596, 912_261_120),
-    8: (59_587_724, 532_152_320),
+    2: (8_512_040, 1_216_348_160),
+    4: (12_952_440, 912_261_120),
+    8: (15_541_400, 532_152_320),
+    16: (17_573_400, 316_538_880),
 }
 
 
@@ -544,11 +570,14 @@ def test_nemotron_bytes_per_layer(cp: int) -> None:
     state = state_passing_bytes(NEMOTRON, 131072, cp)["off_rank"]
     hidden = hidden_parallel_bytes(NEMOTRON, 128 * 1024, cp)["off_rank"]
     assert (state, hidden) == NEMOTRON_OFF_RANK[cp]
-    # By hand: halos 2 x 3 tokens x 10240 channels in bf16, summaries 2 x (128*64*128 + 128) in float32.
-    # + the 5-number batch fingerprint in float32.
-    assert state == (cp - 1) * (2 * 3 * 10240 * 2 + (2 * (128 * 64 * 128 + 128) + 5) * 4)
+    # By hand: halos 2 x 3 tokens x 10240 channels in bf16 and the 5-number int64 batch fingerprint to each of
+    # cp - 1 peers; the 128 chains (1 sequence x 128 heads) dealt out, 128/cp per rank: out 2 links x (64*128
+    # state + 1 decay), back 2 x 64*128, float32, (cp-1)/cp of each all-to-all leaving the rank.
+    n = 128 // cp
+    out, back = cp * 2 * n * (64 * 128 + 1) * 4, cp * 2 * n * 64 * 128 * 4
+    assert state == (cp - 1) * (2 * 3 * 10240 * 2 + 5 * 8) + (out + back) * (cp - 1) // cp
     assert state_passing_bytes(NEMOTRON, 131072, 1)["off_rank"] == 0
-    assert hidden / state > 8  # 143x at cp=2, 36x at cp=4, 8.9x at cp=8
+    assert hidden / state > 14  # 143x at cp=2, 70x at cp=4, 34x at cp=8, 18x at cp=16
 
 
 # ---------------------------------------------------------------------------------------------------- auto
@@ -585,23 +614,30 @@ def test_auto_cost_model_choices(shape, cp, tokens, docs, gbps, want) -> None:
 
 
 def test_auto_cost_model_matches_the_h200_measurements() -> None:
-    """The compute part reproduces the per-rank times it was fitted on (H200, fake process group) within 10%
-    on BSHD and 35% on 64-document packs (benchmarks/results/h200_simulate_mixer.json)."""
-    measured = {  # (layout, L, cp): (hidden ms, state passing ms)
-        ("bshd", 131072, 2): (103.4, 103.8),
-        ("bshd", 131072, 8): (25.9, 26.7),
-        ("bshd", 1 << 20, 8): (214.7, 215.2),
-        ("bshd", 1 << 20, 16): (118.7, 101.5),
-        ("thd", 131072, 2): (102.4, 131.6),
-        ("thd", 131072, 16): (16.2, 80.9),
-        ("thd", 1 << 20, 8): (214.2, 279.6),
+    """The compute part reproduces the per-rank times it was fitted on (H200, fake process group, 128K-1M tokens)
+    within 10% (15% for state passing at 8K tokens per rank, where fixed costs weigh most, and on packs of 64 and
+    512 documents) (``benchmarks/results/``: h200_simulate_mixer.json
+    for BSHD up to cp 8, h200_sp_a2a*.json and h200_profile_thd_cp2.json for the chains dealt out over the
+    ranks)."""
+    measured = {  # (layout, documents, L, cp): (hidden ms, state passing ms)
+        ("bshd", 1, 131072, 2): (103.4, 103.8),
+        ("bshd", 1, 131072, 8): (25.9, 26.7),
+        ("bshd", 1, 131072, 16): (16.6, 16.8),
+        ("bshd", 1, 1 << 20, 8): (214.7, 215.2),
+        ("bshd", 1, 1 << 20, 16): (118.7, 101.5),
+        ("thd", 64, 131072, 2): (106.3, 129.5),
+        ("thd", 64, 131072, 16): (16.4, 30.4),
+        ("thd", 512, 131072, 2): (98.3, 215.3),
+        ("thd", 512, 131072, 8): (26.4, 131.5),
+        ("thd", 512, 131072, 16): (16.4, 120.7),
     }
-    for (layout, tokens, cp), (hidden, sp_ms) in measured.items():
-        work = Workload(tokens=tokens, documents=64 if layout == "thd" else 1, bandwidth_gbps=1e9)  # no comm
+    for (layout, docs, tokens, cp), (hidden, sp_ms) in measured.items():
+        work = Workload(tokens=tokens, documents=docs, bandwidth_gbps=1e9)  # no comm
         got_h = estimate_ms("hidden", NEMOTRON_MIXER, cp, work, 1e9)
         got_sp = estimate_ms("state_passing", NEMOTRON_MIXER, cp, work, 1e9)
         assert abs(got_h / hidden - 1) < 0.10, (layout, tokens, cp, got_h, hidden)
-        assert abs(got_sp / sp_ms - 1) < (0.10 if layout == "bshd" else 0.35), (layout, tokens, cp, got_sp, sp_ms)
+        tolerance = 0.10 if layout == "bshd" and tokens // cp > 8192 else 0.15
+        assert abs(got_sp / sp_ms - 1) < tolerance, (layout, docs, cp, got_sp, sp_ms)
 
 
 def _auto_worker(rank: int, world: int) -> list[str]:

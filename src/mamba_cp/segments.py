@@ -82,10 +82,6 @@ class SegmentPlan:
     """``Q``: the mixer's SSD chunk size."""
     seg_len: int | None
     """BSHD: tokens per segment (``L_local / 2``); None for packed batches (lengths vary)."""
-    chain_pos: torch.Tensor
-    """``[2]`` chain positions (chunk indices) of this rank's head and tail segments: ``r, 2*cp-1-r``."""
-    chain_before: torch.Tensor
-    """``[2, 2*cp]`` bool: ``chain_before[i, c]`` iff chunk ``c`` precedes this rank's segment ``i``."""
     halo_rows: torch.Tensor
     """``[n_halo]`` rows of the all-gathered tail buffer ``[cp * 2*S * halo]`` that feed a halo slot."""
     halo_slots: torch.Tensor
@@ -232,8 +228,6 @@ def build_segment_plan(
         packed, work = _packed_index(seg_len_S, halo, device)
 
     fingerprint = torch.tensor(layout_fingerprint(local_len, num_seqs, bounds))
-    chain_pos = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])
-    chain_before = torch.arange(2 * cp_size)[None, :] < chain_pos[:, None]
     halo_rows, halo_slots = halo_sources(seg_len_S, cp_size, cp_rank, halo)
 
     return SegmentPlan(
@@ -245,8 +239,6 @@ def build_segment_plan(
         halo=halo,
         block_size=block_size,
         seg_len=seg_len,
-        chain_pos=chain_pos.to(device),
-        chain_before=chain_before.to(device),
         halo_rows=varying(halo_rows.to(device)),
         halo_slots=varying(halo_slots.to(device)),
         packed=packed,

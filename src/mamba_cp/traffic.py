@@ -49,21 +49,27 @@ def state_passing_bytes(
     num_seqs: int = 1,
     state_bytes: int = 4,
 ) -> dict[str, int]:
-    """State passing: two all-gathers per forward, independent of the sequence length (``tokens`` unused).
+    """State passing: one all-gather and two all-to-alls per forward, independent of the sequence length
+    (``tokens`` unused).
 
-    Each rank's buffer reaches ``cp - 1`` peers: the conv halos, ``2*S*(K-1)*conv_dim`` values in the
-    activation dtype, and the segment summaries, ``2*S*(H*P*N + H)`` values in ``state_bytes`` (float32);
-    ``S`` is ``num_seqs`` (``B`` for BSHD, the sequence count of a packed batch). The backward pass moves
-    the same amounts (reduce-scatters).
+    The all-gather of the conv halos, ``2*S*(K-1)*conv_dim`` values in the activation dtype and the batch
+    fingerprint (``F`` int64), reaches ``cp - 1`` peers. The segment summaries travel in ``state_bytes``
+    (float32) as the chains ``S*H`` are dealt out over the ranks (:mod:`mamba_cp.strategies.state_chain`):
+    ``n = ceil(S*H / cp)`` chains per rank, out with their decays (``cp * 2*n*(P*N + 1)`` values), the incoming
+    states back (``cp * 2*n*P*N``); an all-to-all keeps ``1/cp`` of its buffer. ``S`` is ``num_seqs`` (``B`` for
+    BSHD, the sequence count of a packed batch). The backward pass moves the same amounts the other way.
     """
     del tokens
     if cp < 1:
         raise ValueError(f"cp ({cp}) must be >= 1")
-    halos = 2 * num_seqs * (conv_kernel - 1) * dims.conv_dim * dtype_bytes
-    # + the batch fingerprint (5 numbers) that rides with the summaries so that ranks with different batches fail
-    summaries = (2 * num_seqs * (dims.d_inner * dims.d_state + dims.num_heads) + FINGERPRINT_SIZE) * state_bytes
-    send = halos + summaries if cp > 1 else 0
-    return {"send_buffers": send, "off_rank": (cp - 1) * send}
+    if cp == 1:
+        return {"send_buffers": 0, "off_rank": 0}
+    halos = 2 * num_seqs * (conv_kernel - 1) * dims.conv_dim * dtype_bytes + FINGERPRINT_SIZE * 8
+    per_rank = -(-num_seqs * dims.num_heads // cp)
+    state = dims.head_dim * dims.d_state
+    out = cp * 2 * per_rank * (state + 1) * state_bytes
+    back = cp * 2 * per_rank * state * state_bytes
+    return {"send_buffers": halos + out + back, "off_rank": (cp - 1) * halos + (out + back) * (cp - 1) // cp}
 
 
 STRATEGY_BYTES = {

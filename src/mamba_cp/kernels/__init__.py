@@ -134,21 +134,8 @@ def ssd_chunk_scan(
             functools.partial(cuda.ssd_chunk_scan_cuda, fn), x, dt, A, B, C, chunk_size, D, z, dt_bias,
             initial_states, seq_idx, dt_softplus, dt_limit, return_final_states, limit=cuda.MAMBA_SSM_LIMIT,
         )  # fmt: skip
-    return ssd_chunk_scan_ref(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D=D,
-        z=z,
-        dt_bias=dt_bias,
-        initial_states=initial_states,
-        seq_idx=seq_idx,
-        dt_softplus=dt_softplus,
-        dt_limit=dt_limit,
-        return_final_states=return_final_states,
+    return fn(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, return_final_states
     )
 
 
@@ -165,7 +152,7 @@ def rmsnorm_gated(
     if name == "mamba_ssm":
         weight = first_order_only(weight, "mamba_ssm's gated RMSNorm kernel")  # backward not differentiable again
         return cuda.rmsnorm_gated_cuda(fn, x, z, weight, eps, group_size, norm_before_gate)
-    return rmsnorm_gated_ref(x, z, weight, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
+    return fn(x, z, weight, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
 mamba_chunk_scan_combined = ssd_chunk_scan

@@ -6,18 +6,19 @@ Per mixer and per step (forward + backward), for a workload of ``L`` tokens per 
 * compute: ``t_c = TOKEN_HEAD_MS * L * H / cp + FIXED_MS`` for either strategy (both run ``L * H / cp``
   token-heads per rank); hidden-parallel pays ``HIDDEN_FEW_HEADS`` more per head below ``FEW_HEADS`` heads
   per rank (few heads underuse the GPU);
-* state passing on packed rows adds ``PACKED_MS * S**0.75 * cp**0.35 * (H*P*N / 2**20)``: every document has
-  a segment on every rank, whose summary is exchanged and combined (the per-document part the fused kernels
-  cannot remove);
+* state passing on packed rows adds ``PACKED_MS * S**0.85 * cp**-0.15 * (H*P*N / 2**20)``: every document has
+  a segment on every rank, whose state is summarised, exchanged, scanned and broadcast back over its tokens
+  (the per-document part the fused kernels cannot remove; it shrinks a little with cp as the chains are dealt
+  out over more ranks);
 * communication: the bytes of :mod:`mamba_cp.traffic` (what ``mamba-cp plan`` prints) forward and backward,
   over ``bw``. Hidden-parallel hides up to ``HIDEABLE * t_c`` of it behind the projection of ``z``; state
-  passing's all-gathers are exposed.
+  passing's exchanges are exposed.
 
 The constants were fitted on one NVIDIA H200 (bf16, the NemotronH-8B-like mixer: H 128, P 64, G 8, N 128, chunk
 128; rank 0 of cp = 2..16 under the fake process group, L 128K to 2M, BSHD and 64 / 512-document packs;
-``benchmarks/results/h200_simulate_mixer*.json``): compute within about 10% of the measured per-rank time on
-BSHD, the packed term within about 30%. Other cards and widths scale the whole estimate, not the choice between
-two strategies on the same card, which is all the model decides.
+``benchmarks/results/h200_simulate_mixer*.json``, ``h200_sp_a2a*``, ``h200_profile_thd_cp2*``): compute within
+about 10% of the measured per-rank time on BSHD, packs within about 15%. Other cards and widths scale the whole
+estimate, not the choice between two strategies on the same card, which is all the model decides.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ FIXED_MS = 1.5
 """Per-step overhead of either strategy that does not shrink with the rank's share (launches, small ops)."""
 FEW_HEADS, HIDDEN_FEW_HEADS = 16, 0.3
 """Hidden-parallel below 16 heads per rank: up to 30% slower per head (8 heads: 1.15x; measured 1.15-1.27x)."""
-PACKED_MS = 1.0
-"""State passing on packed rows: ``PACKED_MS * S**0.75 * cp**0.35`` ms per 2**20 state elements (H*P*N) of the
-mixer (measured 27-65 ms for 64 documents, 124-271 ms for 512, at cp 2 to 16)."""
+PACKED_MS = 0.74
+"""State passing on packed rows: ``PACKED_MS * S**0.85 * cp**-0.15`` ms per 2**20 state elements (H*P*N) of the
+mixer (measured over hidden-parallel at 128K: 23 ms at cp 2 and 14 ms at cp 16 for 64 documents, 117 / 105 /
+104 ms at cp 2 / 8 / 16 for 512)."""
 HIDEABLE = 0.16
 """Share of the compute that the fused projection's ``z`` GEMMs offer to hide hidden-parallel's all-to-alls
 behind (16.8 ms of 103 ms at 128K, cp=2)."""
@@ -95,7 +97,7 @@ def estimate_ms(strategy: str, shape: SSMShape, cp: int, workload: Workload, ban
         comm = 2 * hidden_parallel_bytes(shape, tokens, cp, workload.dtype_bytes)["off_rank"] * per_gb
         return compute + max(0.0, comm - HIDEABLE * compute)
     if docs > 1:
-        compute += PACKED_MS * docs**0.75 * cp**0.35 * (shape.d_inner * shape.d_state) / 2**20
+        compute += PACKED_MS * docs**0.85 * cp**-0.15 * (shape.d_inner * shape.d_state) / 2**20
     sent = state_passing_bytes(shape, tokens, cp, workload.dtype_bytes, num_seqs=docs)["off_rank"]
     return compute + 2 * sent * per_gb
 

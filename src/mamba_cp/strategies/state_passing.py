@@ -36,8 +36,6 @@ own tokens; their sum over the CP group is the true gradient.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,6 +51,7 @@ from ..segments import SegmentPlan, chain_rank, segment_plan
 from ..ssm_block import decay_rates
 from ..validation import ConfigError, batch_dims, describe_fingerprint
 from .base import FinalStates, SSMConfig, SSMParams, project
+from .state_chain import pass_states
 
 
 def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -244,7 +243,8 @@ class StatePassing:
         ``[halo | segment]``)."""
         weight_CK, bias_C = params.conv_weight_CK, params.conv_bias_C
         halo, width = plan.halo, xBC_BLC.shape[-1]
-        if halo == 0:
+        if halo == 0:  # no halos to exchange: the batch check gets a small all-gather of its own
+            self._check_same_batch(all_gather(plan.fingerprint, self.group.group), plan)
             return kernels.causal_conv1d(xBC_BLC, weight_CK, bias_C, activation="silu")
         if plan.packed is None:
             rows, c = 2 * plan.batch, plan.seg_len
@@ -270,9 +270,16 @@ class StatePassing:
 
     def exchange_halos(self, tails: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
         """Every rank's segment tails ``[2*S*halo, C]`` -> this rank's halos ``[2*S*halo, C]`` (zeros before
-        a sequence start). One all-gather; its backward sends the halo gradients back to their owners."""
-        gathered = all_gather(tails, self.group.group).view(-1, tails.shape[-1])
-        picked = gathered.index_select(0, plan.halo_rows)
+        a sequence start). One all-gather; its backward sends the halo gradients back to their owners.
+
+        The batch fingerprint rides along, its int64 bits viewed as a few values of the tails' dtype (moved
+        bit for bit): ranks that pass batches of other lengths would otherwise exchange buffers of the same
+        shape and all finish wrong. This is the layer's first exchange, so such ranks stop before the others."""
+        n = tails.numel()
+        flat = torch.cat([tails.reshape(-1), plan.fingerprint.view(tails.dtype)])
+        gathered = all_gather(flat, self.group.group)
+        self._check_same_batch(gathered[:, n:], plan)
+        picked = gathered[:, :n].reshape(-1, tails.shape[-1]).index_select(0, plan.halo_rows)
         return tails.new_zeros(tails.shape).index_copy_(0, plan.halo_slots, picked)
 
     def incoming_states(
@@ -284,36 +291,22 @@ class StatePassing:
             final_S2HPN: ``[S, 2, H, P, N]`` final state of each local segment run from zero.
             log_decay_S2H: ``[S, 2, H]`` its total log decay ``sum(dt*A)``.
         Returns:
-            ``[S, 2, H, P, N]`` incoming states (zero for the first chunk of a sequence). One all-gather.
+            ``[S, 2, H, P, N]`` incoming states (zero for the first chunk of a sequence). Two all-to-alls, the
+            chains dealt out over the ranks (:func:`~mamba_cp.strategies.state_chain.pass_states`).
         """
-        cp, num_seqs = plan.cp_size, plan.num_seqs
-        n_final, n_decay = final_S2HPN.numel(), log_decay_S2H.numel()
-        # The batch fingerprint rides along (a few numbers in a buffer of H*P*N per segment): ranks that pass
-        # batches of other lengths would otherwise exchange summaries of the same shape and all finish wrong.
-        header = plan.fingerprint.to(final_S2HPN.dtype)
-        flat = torch.cat([final_S2HPN.reshape(-1), log_decay_S2H.reshape(-1), header])
-        gathered = all_gather(flat, self.group.group)
-        if not torch.compiler.is_compiling():  # compiled runs check once per batch in prepare_batch instead
-            self._check_same_batch(gathered[:, n_final + n_decay :], plan)
-        finals = gathered[:, :n_final].view(cp, *final_S2HPN.shape)
-        decays = gathered[:, n_final : n_final + n_decay].view(cp, *log_decay_S2H.shape)
-        # Chain order of chunks: c < cp is rank c's head segment, c >= cp is rank (2cp-1-c)'s tail segment.
-        finals_c = torch.cat([finals[:, :, 0], finals[:, :, 1].flip(0)])  # [2cp, S, H, P, N]
-        decays_c = torch.cat([decays[:, :, 0], decays[:, :, 1].flip(0)])  # [2cp, S, H]
-        upto = F.pad(decays_c.double().cumsum(0), (0, 0, 0, 0, 1, 0))  # [2cp+1, S, H]: sum over chunks < c
-        # exp(sum of log decays of chunks strictly between c and this rank's chunk i), for c before i only.
-        log_w = upto.index_select(0, plan.chain_pos)[:, None] - upto[None, 1:]  # [2, 2cp, S, H]
-        w = log_w.masked_fill(~plan.chain_before[:, :, None, None], -math.inf).exp().to(final_S2HPN.dtype)
-        assert w.shape == (2, 2 * cp, num_seqs, final_S2HPN.shape[2])
-        return torch.einsum("ickh,ckhpn->kihpn", w, finals_c)
+        incoming = pass_states(final_S2HPN.flatten(3), log_decay_S2H, self.group.group, plan.cp_size)
+        return incoming.view(final_S2HPN.shape)
 
     def _check_same_batch(self, fingerprints: torch.Tensor, plan: SegmentPlan) -> None:
         """``ConfigError`` on every rank (they all hold the same gathered rows) unless every rank's batch
-        fingerprint ``[cp, F]`` equals this rank's. Read on the host once per batch (the cache remembers the
-        plan it checked), never again by later layers."""
+        fingerprint (``[cp, F']``: each row an int64 ``[F]`` viewed as values of another dtype) equals this
+        rank's. Read on the host once per batch (the cache remembers the plan it checked), never again by later
+        layers; compiled runs check once per batch in ``prepare_batch`` instead."""
+        if torch.compiler.is_compiling():
+            return
 
         def check() -> SegmentPlan:
-            rows = fingerprints.detach().cpu().tolist()
+            rows = fingerprints.detach().contiguous().view(torch.int64).cpu().tolist()
             if any(row != rows[0] for row in rows):
                 seen = ", ".join(f"rank {r}: {describe_fingerprint(row)}" for r, row in enumerate(rows))
                 raise ConfigError(
