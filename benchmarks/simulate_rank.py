@@ -56,7 +56,7 @@ with the backward, is not included.
 **Rows that fail.** Each row runs in its own ``try``: an out-of-memory or any other error marks the row
 with the error's first line and the run goes on. A kernel crash leaves the CUDA context unusable, so on CUDA
 the rows run in a child process (``--isolate``) that is restarted after such a crash, the row marked with
-the crash. mamba_ssm 2.3.2's SSD kernels crash beyond 2**31 elements in one batch row (DESIGN 3b); rows
+the crash. mamba_ssm 2.3.2's SSD kernels crash beyond 2**31 elements in one batch row (docs/design.md §6); rows
 that would hand them that are skipped (``--int32-guard``; ``auto``, the default, skips them unless
 ``mamba_cp.kernels`` cuts SSD calls to fit, ``kernels.index_width``). ``--budget-s`` stops starting rows
 after that many seconds, and skips a row whose predicted time (from the rows already run) would overrun it.
@@ -207,7 +207,7 @@ def int32_hazard(spec: RowSpec, num_heads: int, head_dim: int) -> str | None:
         return None
     return (
         f"skipped: the SSD kernel would get {elements / _INT32_ELEMENTS:.2f} x 2^31 elements in one row "
-        "(mamba_ssm 2.3.2 int32 offsets crash, DESIGN 3b); --int32-guard off runs it"
+        "(mamba_ssm 2.3.2 int32 offsets crash, docs/design.md §6); --int32-guard off runs it"
     )
 
 

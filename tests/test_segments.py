@@ -11,7 +11,7 @@ import torch
 
 from mamba_cp.layout import head_tail_positions, packed_head_tail_positions
 from mamba_cp.plan_cache import PlanCache
-from mamba_cp.segments import build_segment_plan, segment_plan
+from mamba_cp.segments import build_segment_plan, chain_rank, segment_plan
 
 PACKED = [
     pytest.param(2, [4, 40, 12, 8], id="cp2_short_and_long_seqs"),
@@ -83,9 +83,10 @@ def test_packed_plan_matches_layout(cp: int, seqlens: list[int], halo: int) -> N
             assert torch.equal(glob, torch.arange(int(glob[0]), int(glob[0]) + len(toks))), "segment not contiguous"
             seq_start = _seq_start_of(int(glob[0]), seqlens)
             assert _seq_start_of(int(glob[-1]), seqlens) == seq_start, "segment crosses a sequence boundary"
-            # Chain position = chunk index inside the sequence.
+            # Chain position = chunk index inside the sequence: this rank's head (g even) or tail (g odd).
             c = len(toks)
-            assert (int(glob[0]) - seq_start) // c == int(plan.chain_pos[g % 2])
+            chunk = (int(glob[0]) - seq_start) // c
+            assert [int(v) for v in chain_rank(torch.tensor(chunk), cp)] == [r, g % 2]
             # Halo slot j holds global position start - halo + j when inside the sequence, else zero.
             halo_pos = torch.full((halo,), -1, dtype=torch.int64)
             inside = plan.halo_slots // max(halo, 1) == g
@@ -129,11 +130,8 @@ def test_bshd_plan_matches_layout(cp: int, seqlen_per_chunk: int) -> None:
         assert plan.packed is None and plan.seg_len == c and plan.num_seqs == batch
         assert plan.work.seg_first.tolist() == [g * c for g in range(2 * batch)]
         assert plan.work.seg_stop.tolist() == [(g + 1) * c for g in range(2 * batch)]
-        assert plan.chain_pos.tolist() == [r, 2 * cp - 1 - r]
-        assert plan.chain_before.tolist() == [
-            [k < r for k in range(2 * cp)],
-            [k < 2 * cp - 1 - r for k in range(2 * cp)],
-        ]
+        rank, half = chain_rank(torch.tensor([r, 2 * cp - 1 - r]), cp)  # this rank's chunks: its head, its tail
+        assert rank.tolist() == [r, r] and half.tolist() == [0, 1]
         got = torch.full((batch * 2 * halo,), -1, dtype=torch.int64)
         got[plan.halo_slots] = gathered[plan.halo_rows]
         for b in range(batch):

@@ -178,7 +178,7 @@ def test_exchanges_match_strategy_bytes_and_hide(sim):
 
 
 def test_int32_guard_matches_the_known_crashes(sim):
-    """DESIGN 3b: the plain mixer crashes at 512K (not 256K), hidden-parallel at 1M with cp=2; state passing
+    """docs/design.md §6: the plain mixer crashes at 512K (not 256K), hidden-parallel at 1M with cp=2; state passing
     at cp=2 runs 1M on BSHD and would crash at 2M (128 heads x 64)."""
 
     def hazard(length, cp, strategy, layout="bshd"):

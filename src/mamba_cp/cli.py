@@ -1,9 +1,11 @@
-"""The ``mamba-cp`` command: ``demo``, ``verify``, ``bench`` and ``plan``.
+"""The ``mamba-cp`` command: ``demo``, ``verify``, ``generate``, ``bench`` and ``plan``.
 
 ``demo`` runs a tiny mixer at cp=2 on CPU (gloo, two forked processes) with and without CP, on a BSHD and a
 packed THD batch, and prints the largest relative difference of the output and of every gradient.
 ``verify`` does the same for any configuration: on CPU it spawns gloo processes itself; launched with
-``torchrun`` it uses the launched ranks (NCCL on GPUs with ``--device cuda``).
+``torchrun`` it uses the launched ranks (NCCL on GPUs with ``--device cuda``). ``generate`` prefills a small
+random-weight transformers model under CP and compares its greedy tokens and cache with plain generation.
+``bench`` runs ``benchmarks/bench_mixer.py``; ``plan`` prints the bytes each strategy moves per layer.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ transformers' varlen interface but has only run where flash-attn exists.
 
 On GPU, torch's experimental ``context_parallel`` (ring attention over SDPA, the same head-tail layout) does
 the attention part of this job for BSHD batches; it is not used here because its SDPA path has no CPU kernel
-(DESIGN 3b), it shards the buffers itself, and it takes no packed sequences. Ulysses sends each token's q/k/v
-once (three tensors, one all-to-all) where the ring passes every rank's k/v around the ring.
+(as of torch 2.11), it shards the buffers itself, and it takes no packed sequences. Ulysses sends each token's
+q/k/v once (three tensors, one all-to-all) where the ring passes every rank's k/v around the ring.
 """
 
 from __future__ import annotations

@@ -15,8 +15,11 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
 2. **Summaries**: each segment's final state from a zero state, ``sum_t exp(log decay after t) * dt_t *
    outer(x_t, B_t)`` per head (:func:`~mamba_cp.kernels.segment_scan.segment_states`: a fused Triton kernel
    on GPUs, float32 accumulation; its readable reference elsewhere), and its total log decay ``sum(dt*A)``.
-3. **State passing**: one all-gather of those summaries (float32, float64 for float64 input), then, per
-   sequence, the state entering chunk ``c`` is ``sum_{c'<c} exp(sum_{c'<k<c} log_decay_k) * final_{c'}``.
+3. **State passing**: per sequence and head, the state entering chunk ``c`` is
+   ``sum_{c'<c} exp(sum_{c'<k<c} log_decay_k) * final_{c'}``. The ``S*H`` chains are dealt out over the ranks:
+   one all-to-all brings every link of a rank's share of chains to it, it scans them, a second all-to-all returns
+   the incoming states (float32, float64 for float64 input; :mod:`~mamba_cp.strategies.state_chain`). Per rank
+   this is ``2*S*H*P*N`` values whatever ``cp``.
 4. **SSD with the incoming state**: BSHD runs the kernel once on the segment rows with
    ``initial_states`` = the incoming states, which yields the exact output directly. THD runs the kernel
    with ``seq_idx`` = segment id (it takes an initial state for the first sequence only) and adds
@@ -24,9 +27,9 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
    (:func:`~mamba_cp.kernels.segment_scan.state_correction`, fused likewise).
 
 Everything is differentiable: torch ops, the kernels (the SSD kernel returns the gradient of its
-``initial_states``; the fused kernels have hand-written backward passes) and an autograd all-gather
-(backward: reduce-scatter), so the backward
-pass is exact and sends gradients of halos and summaries back to their owners. No per-token
+``initial_states``; the fused kernels have hand-written backward passes), an autograd all-gather (backward:
+reduce-scatter) and autograd all-to-alls (backward: the reverse all-to-all), so the backward pass is exact and
+sends gradients of halos and summaries back to their owners. No per-token
 activation crosses ranks except the halos; ``num_heads % cp`` is unconstrained.
 
 The strategy owns no parameters: the mixer hands it ``conv1d``, ``dt_bias``, ``A_log`` and ``D`` on every
@@ -80,8 +83,9 @@ class StatePassing:
         debug: check on every call, with one small collective, that all ranks agree on the batch.
         note: why this strategy was chosen (shown in the repr).
 
-    Collectives per layer: forward two all-gathers (conv halos, then state summaries), backward two
-    reduce-scatters; the halo exchange is skipped for ``conv_kernel == 1``. Any head count works.
+    Collectives per layer: forward an all-gather (conv halos and the batch fingerprint; the fingerprint alone for
+    ``conv_kernel == 1``) and two all-to-alls (segment states out and back), backward a reduce-scatter and two
+    all-to-alls. Any head count works.
     """
 
     name = "state_passing"
