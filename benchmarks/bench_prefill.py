@@ -28,31 +28,24 @@ Without CUDA (``--device cuda``, the default) it prints that it needs CUDA and e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 
-NEMOTRON_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
-"""nvidia/Nemotron-H-8B-Base-8K's ``hybrid_override_pattern`` (52 layers: 24 Mamba2, 4 attention, 24 MLP)."""
+# The sibling benchmarks: the hybrid widths, layer patterns and fake group of simulate_rank, bench_mixer's clock.
+sys.path.insert(0, str(HERE))
+import bench_mixer as bm  # noqa: E402
+import simulate_rank as sim  # noqa: E402
 
-LAYER_KINDS = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
-
-MODELS = {
-    "nemotron8b": dict(hidden_size=4096, mamba_num_heads=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
-                       conv_kernel=4, chunk_size=128, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       intermediate_size=21504),
-    "tiny": dict(hidden_size=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
-                 chunk_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128),
-}  # fmt: skip
+NEMOTRON_H_8B_PATTERN, LAYER_KINDS, MODELS = sim.NEMOTRON_H_8B_PATTERN, sim.LAYER_KINDS, sim.HYBRIDS
+fake_group = sim.fake_group
 
 GIB = 2**30
 
@@ -83,21 +76,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def fake_group(cp: int) -> Iterator[object]:
-    """A fresh fake process group of ``cp`` ranks in which this process is rank 0 (destroyed on exit)."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cp)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def build_model(args: argparse.Namespace, device: torch.device):
@@ -135,33 +113,13 @@ def cache_bytes(result) -> int:
     return total
 
 
-class Clock:
-    """CUDA events on a GPU, the host clock elsewhere; ``elapsed`` in ms."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def elapsed(self, a, b) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return a.elapsed_time(b)
-        return (b - a) * 1e3
-
-
 def run_row(args: argparse.Namespace, model, device: torch.device, length: int, cp: int, strategy: str) -> dict:
     import mamba_cp
 
     row = {"L": length, "cp": cp, "strategy": strategy, "local_tokens": length // cp}
     if length % (2 * cp):
         return {**row, "error": f"L ({length}) is not a multiple of 2*cp ({2 * cp})"}
-    clock = Clock(device)
+    clock = bm.Clock(device)
     with fake_group(cp) as group:
         cp_group = 1 if strategy == "plain" else group
         mamba_cp.parallelize(model, cp_group, strategy="hidden" if strategy == "plain" else strategy)
@@ -182,6 +140,7 @@ def run_row(args: argparse.Namespace, model, device: torch.device, length: int, 
                 a = clock.mark()
                 result = mamba_cp.prefill(model, ids, cp_group)
                 b = clock.mark()
+                clock.sync()
                 times.append(clock.elapsed(a, b))
             row.update(ms=statistics.median(times), ms_min=min(times), cache_gib=cache_bytes(result) / GIB)
             if device.type == "cuda":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -306,13 +307,32 @@ def test_cli_generate(capsys):
     assert "PASS" in out and "tokens equal to the plain model's generate on every rank: yes" in out
 
 
-def test_bench_prefill_exits_cleanly_without_cuda(capsys):
+def _bench_prefill():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill.py"
     spec = importlib.util.spec_from_file_location("bench_prefill", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prefill_exits_cleanly_without_cuda(capsys):
+    module = _bench_prefill()
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the benchmark would run")
     assert module.main(["--lengths", "131072", "--cps", "1,2"]) == 0
     assert "needs CUDA" in capsys.readouterr().out
+
+
+def test_bench_prefill_runs_on_cpu(tmp_path):
+    """The GPU benchmark's own code path, small: every row prefills under its fake group and records a time and
+    the cache's size; rows past ``--budget-s`` are recorded as not run."""
+    module = _bench_prefill()
+    argv = ["--device", "cpu", "--model", "tiny", "--pattern", "M-M*-", "--lengths", "64", "--cps", "1,2"]
+    assert module.main([*argv, "--iters", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_prefill.json").read_text())["rows"]
+    assert [(r["cp"], r["strategy"]) for r in rows] == [(1, "plain"), (2, "hidden"), (2, "state_passing")]
+    assert all("error" not in r and r["ms"] > 0 and r["cache_gib"] > 0 for r in rows), rows
+    assert module.main([*argv, "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_prefill.json").read_text())["rows"]
+    assert len(rows) == 3 and all(r["error"] == "not run: --budget-s spent" for r in rows), rows
