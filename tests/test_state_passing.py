@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mamba_cp
 from mamba_cp import Mamba2Mixer
@@ -33,7 +34,7 @@ from mamba_cp.plan_cache import PlanCache
 from mamba_cp.segments import build_segment_plan
 from mamba_cp.ssm_block import SSMShape
 from mamba_cp.strategies import Workload, choose_strategy, estimate_ms, hidden_can_run, state_passing
-from mamba_cp.strategies.state_chain import chain_scan
+from mamba_cp.strategies.state_chain import chain_scan, link_positions, pass_states
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
@@ -285,20 +286,25 @@ def test_segment_states_equal_kernel_final_states(layout: str) -> None:
 def test_chain_scan_equals_the_sequential_recurrence(links: int) -> None:
     """The closed-form exclusive scan of :mod:`mamba_cp.strategies.state_chain` equals ``h_0 = 0,
     h_{c+1} = exp(a_c) * h_c + final_c`` along every chain, values and gradients (float64), with decays down
-    to exp(-60) per link."""
+    to exp(-60) per link, for links given in chain order, in the ranks' order (head and tail of rank 0, of rank 1,
+    ...) and shuffled."""
     g = torch.Generator().manual_seed(links)
     finals = torch.randn(links, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
     decays = (-60 * torch.rand(links, 5, dtype=torch.float64, generator=g)).requires_grad_()
-    got = chain_scan(finals, decays)
     h, want = torch.zeros(5, 7, dtype=torch.float64), []
     for c in range(links):
         want.append(h)
         h = decays[c].exp()[:, None] * h + finals[c]
-    want = torch.stack(want)
-    assert _rel(got, want) < 1e-13
+    want = torch.stack(want)  # [links, 5, 7] in chain order
     cot = torch.randn(want.shape, dtype=torch.float64, generator=g)
-    got_g = torch.autograd.grad(got, (finals, decays), cot)
     want_g = torch.autograd.grad(want, (finals, decays), cot)
+    orders = [torch.arange(links), link_positions(links // 2, torch.device("cpu")), torch.randperm(links, generator=g)]
+    for position in orders:  # link k sits at chain position position[k]
+        got = chain_scan(finals[position].detach(), decays[position].detach(), position)  # [5, links, 7]
+        assert _rel(got.transpose(0, 1), want.detach()[position]) < 1e-13
+    # gradients, in chain order
+    got = chain_scan(finals, decays, torch.arange(links)).transpose(0, 1)
+    got_g = torch.autograd.grad(got, (finals, decays), cot)
     assert max(_rel(a, b) for a, b in zip(got_g, want_g, strict=True)) < 1e-13
 
 
@@ -615,9 +621,9 @@ def test_auto_cost_model_choices(shape, cp, tokens, docs, gbps, want) -> None:
 
 def test_auto_cost_model_matches_the_h200_measurements() -> None:
     """The compute part reproduces the per-rank times it was fitted on (H200, fake process group, 128K-1M tokens)
-    within 10% (15% for state passing at 8K tokens per rank, where fixed costs weigh most, and on packs of 64 and
-    512 documents) (``benchmarks/results/``: h200_simulate_mixer.json
-    for BSHD up to cp 8, h200_sp_a2a*.json and h200_profile_thd_cp2.json for the chains dealt out over the
+    within 10%; within 15% for state passing on packs of 64 and 512 documents and at 8K tokens per rank, where
+    fixed costs weigh most. Sources in ``benchmarks/results/``: h200_simulate_mixer.json (BSHD), h200_sp_a2a*
+    and h200_profile_thd_cp2.json (packs, and BSHD at 128K and cp 16, with the chains dealt out over the
     ranks)."""
     measured = {  # (layout, documents, L, cp): (hidden ms, state passing ms)
         ("bshd", 1, 131072, 2): (103.4, 103.8),
@@ -660,3 +666,45 @@ def test_auto_picks_per_mixer_and_repr_says_so() -> None:
 def test_unknown_strategy_lists_auto() -> None:
     with pytest.raises(ValueError, match="'auto'.*'state_passing'"):
         mamba_cp.parallelize(Mamba2Mixer(hidden_size=8, num_heads=2, head_dim=4, state_size=4), None, "magic")
+
+
+class _Written(TorchDispatchMode):
+    """Bytes written by non-view ops (the memory traffic of copies, casts and results)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            flat = out if isinstance(out, list | tuple) else [out]
+            self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize(("cp", "num_seqs", "most"), [(2, 4, (7.5, 9.5)), (8, 16, (7.5, 9.5)), (4, 3, (10.5, 13.5))])
+def test_chain_exchange_passes_over_the_states(cp: int, num_seqs: int, most: tuple[float, float]) -> None:
+    """The exchange of :mod:`~mamba_cp.strategies.state_chain` writes about 7 times the per-segment states (``X``
+    bytes) forward and 9 backward (the gradients included) when ``cp`` divides the sequences (pack, two
+    all-to-all buffers, the scan, the return, the layout), about 10 and 13 otherwise (padded chains), whatever
+    ``cp``; the all-gather of every summary it replaced wrote 13 and 19. Rank 0 of a fake group (its all-to-alls
+    copy in place of moving data)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cp)
+    try:
+        final = torch.randn(num_seqs, 2, 32, 2048, requires_grad=True)
+        decay = (-torch.rand(num_seqs, 2, 32)).requires_grad_()
+        with _Written() as forward:
+            out = pass_states(final, decay, dist.group.WORLD, cp)
+        with _Written() as backward:
+            out.backward(torch.randn_like(out))
+    finally:
+        dist.destroy_process_group()
+    x = final.numel() * final.element_size()
+    assert out.shape == final.shape and out.is_contiguous() and final.grad is not None and decay.grad is not None
+    ratios = forward.bytes / x, backward.bytes / x
+    assert ratios[0] < most[0] and ratios[1] < most[1], ratios

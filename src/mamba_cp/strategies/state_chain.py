@@ -1,8 +1,8 @@
 """Passing segment states along every sequence's chain, with the chains split over the CP ranks.
 
-Shape legend: ``S`` sequences, ``H`` heads, ``Q = P*N`` state values per head, ``cp`` ranks, ``F`` the batch
-fingerprint's length, ``J = S*H`` chains (one per sequence and head: the decay is a scalar per head, so the
-chains of different heads never mix), ``n = ceil(J / cp)`` chains per rank.
+Shape legend: ``S`` sequences, ``H`` heads, ``Q = P*N`` state values per head, ``cp`` ranks, ``J = S*H``
+chains (one per sequence and head: the decay is a scalar per head, so the chains of different heads never mix),
+``n = ceil(J / cp)`` chains per rank.
 
 Every sequence is a chain of ``2*cp`` segments (chunk ``c < cp`` is rank ``c``'s head segment, chunk ``c >= cp``
 rank ``2*cp-1-c``'s tail); each rank holds two links of every chain. The state entering chunk ``i`` is the
@@ -28,18 +28,28 @@ import torch.nn.functional as F
 from ..collectives import AllToAll, require_process_group
 
 
-def chain_scan(finals_CnQ: torch.Tensor, log_decay_Cn: torch.Tensor) -> torch.Tensor:
-    """Exclusive scan along each chain: ``finals`` ``[2cp, n, Q]`` (links in chain order), ``log_decay``
-    ``[2cp, n]`` -> the state entering each link ``[2cp, n, Q]`` (zero for the first).
+def chain_scan(finals_LnQ: torch.Tensor, log_decay_Ln: torch.Tensor, position_L: torch.Tensor) -> torch.Tensor:
+    """Exclusive scan along each chain, its links in any order: ``finals`` ``[2cp, n, Q]``, ``log_decay``
+    ``[2cp, n]``, ``position`` ``[2cp]`` int64 the chain position of each link (a permutation of ``0..2cp-1``)
+    -> the state entering each link ``[n, 2cp, Q]`` (zero for position 0; links in the input's order).
 
-    ``incoming_i = sum_{c<i} exp(u_i - u_{c+1}) * final_c`` with ``u_i = sum_{k<i} a_k`` (in float64: the
-    differences of a long sum lose nothing there)."""
-    links = finals_CnQ.shape[0]
-    upto = F.pad(log_decay_Cn.double().cumsum(0), (0, 0, 1, 0))  # [2cp+1, n]: sum over links < i
-    log_w = upto[:-1, None] - upto[None, 1:]  # [2cp (i), 2cp (c), n]: sum over c < k < i
-    before = torch.ones(links, links, dtype=torch.bool, device=log_w.device).tril(-1)  # c < i
-    w = log_w.masked_fill(~before[:, :, None], -math.inf).exp().to(finals_CnQ.dtype)
-    return torch.einsum("icn,cnq->inq", w, finals_CnQ)
+    ``incoming_i = sum_{c before i} exp(u_i - u_{c+1}) * final_c`` with ``u_i`` the sum of the log decays of the
+    links before position ``i`` (float64: the differences of a long sum lose nothing there). One batched matmul
+    with a ``[2cp, 2cp]`` triangular weight per chain, which reads the links where they lie (no reordering copy).
+    """
+    order = torch.argsort(position_L)  # the link at each chain position
+    upto = F.pad(log_decay_Ln.index_select(0, order).double().cumsum(0), (0, 0, 1, 0))  # [2cp+1, n]
+    log_w = upto.index_select(0, position_L)[:, None] - upto.index_select(0, position_L + 1)[None]  # [2cp, 2cp, n]
+    before = position_L[None, :] < position_L[:, None]  # link c precedes link i
+    w = log_w.masked_fill(~before[:, :, None], -math.inf).exp().to(finals_LnQ.dtype)
+    return torch.bmm(w.permute(2, 0, 1), finals_LnQ.transpose(0, 1))
+
+
+def link_positions(cp: int, device: torch.device) -> torch.Tensor:
+    """``[2cp]`` chain position of link ``2*q + half``: rank ``q``'s head (half 0) is chunk ``q``, its tail chunk
+    ``2*cp - 1 - q``."""
+    q = torch.arange(cp, device=device)
+    return torch.stack([q, 2 * cp - 1 - q], dim=1).reshape(-1)
 
 
 def _exchange(send: torch.Tensor, group: object | None) -> torch.Tensor:
@@ -47,6 +57,31 @@ def _exchange(send: torch.Tensor, group: object | None) -> torch.Tensor:
     if group is None:
         return send
     return AllToAll.apply(send.contiguous(), require_process_group(group, "all-to-all"))
+
+
+def _deal(final_S2HQ: torch.Tensor, log_decay_S2H: torch.Tensor, cp: int, per_rank: int) -> torch.Tensor:
+    """The send buffer ``[cp, 2, n, Q+1]``: row ``q`` holds this rank's two links of chains ``[q*n, (q+1)*n)``,
+    each state with its decay. One pass over the states when ``cp`` divides ``S`` (whole sequences per rank),
+    else two and zero links for the padding."""
+    num_seqs, _, heads, width = final_S2HQ.shape
+    decay = log_decay_S2H[..., None]
+    if num_seqs % cp == 0:
+        view = (cp, num_seqs // cp, 2, heads)
+        states, decays = final_S2HQ.reshape(*view, width), decay.reshape(*view, 1)
+        return torch.cat([states.transpose(1, 2), decays.transpose(1, 2)], dim=-1).view(cp, 2, per_rank, width + 1)
+    chains = num_seqs * heads
+    links = torch.cat([final_S2HQ.transpose(0, 1), decay.transpose(0, 1)], dim=-1).view(2, chains, width + 1)
+    links = F.pad(links, (0, 0, 0, cp * per_rank - chains))  # [2, cp*n, Q+1]
+    return links.view(2, cp, per_rank, width + 1).transpose(0, 1)
+
+
+def _undeal(mine: torch.Tensor, num_seqs: int, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_deal` for the incoming states: ``[cp, 2, n, Q]`` -> ``[S, 2, H, Q]`` (contiguous)."""
+    cp, _, per_rank, width = mine.shape
+    if num_seqs % cp == 0:
+        return mine.view(cp, 2, num_seqs // cp, heads, width).transpose(1, 2).reshape(num_seqs, 2, heads, width)
+    flat = mine.transpose(0, 1).reshape(2, cp * per_rank, width)[:, : num_seqs * heads]
+    return flat.reshape(2, num_seqs, heads, width).transpose(0, 1).contiguous()
 
 
 def pass_states(final_S2HQ: torch.Tensor, log_decay_S2H: torch.Tensor, group: object | None, cp: int) -> torch.Tensor:
@@ -58,19 +93,13 @@ def pass_states(final_S2HQ: torch.Tensor, log_decay_S2H: torch.Tensor, group: ob
         group: the CP group (None: one rank).
         cp: its size.
     Returns:
-        ``[S, 2, H, Q]`` incoming states (zero for chunk 0 of a sequence). Two all-to-alls forward, two backward.
+        ``[S, 2, H, Q]`` incoming states (zero for chunk 0 of a sequence), contiguous. Two all-to-alls forward,
+        two backward.
     """
     num_seqs, _, heads, width = final_S2HQ.shape
-    chains = num_seqs * heads
-    per_rank = -(-chains // cp)
-    links = torch.cat([final_S2HQ, log_decay_S2H[..., None]], dim=-1)  # [S, 2, H, Q+1]: a decay rides with its state
-    links = links.transpose(0, 1).reshape(2, chains, width + 1)  # chain j = s*H + h
-    links = F.pad(links, (0, 0, 0, cp * per_rank - chains))  # [2, cp*n, Q+1]
-    send = links.view(2, cp, per_rank, width + 1).transpose(0, 1)  # [cp, 2, n, Q+1]: row q, q's chains
-    got = _exchange(send, group)  # row q: rank q's links of this rank's chains
-    chain = torch.cat([got[:, 0], got[:, 1].flip(0)])  # [2cp, n, Q+1] in chain order
-    incoming = chain_scan(chain[..., :width], chain[..., width])  # [2cp, n, Q]
-    back = torch.stack([incoming[:cp], incoming[cp:].flip(0)], dim=1)  # [cp, 2, n, Q]: row q, q's two links
-    mine = _exchange(back, group)  # row q: q's chains, this rank's links
-    mine = mine.transpose(0, 1).reshape(2, cp * per_rank, width)[:, :chains]
-    return mine.reshape(2, num_seqs, heads, width).transpose(0, 1)
+    per_rank = -(-num_seqs * heads // cp)  # chain j = s*H + h goes to rank j // n
+    got = _exchange(_deal(final_S2HQ, log_decay_S2H, cp, per_rank), group)  # row q: rank q's links of my chains
+    finals, decays = torch.split(got.view(2 * cp, per_rank, width + 1), [width, 1], dim=-1)  # link 2q + half
+    incoming = chain_scan(finals, decays[..., 0], link_positions(cp, got.device))  # [n, 2cp, Q]
+    back = incoming.transpose(0, 1).view(cp, 2, per_rank, width)  # row q: the incoming states of q's two links
+    return _undeal(_exchange(back, group), num_seqs, heads)  # the all-to-all returns row q: q's chains, my links
