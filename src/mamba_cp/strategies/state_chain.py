@@ -53,9 +53,9 @@ def link_positions(cp: int, device: torch.device) -> torch.Tensor:
 
 
 def _exchange(send: torch.Tensor, group: object | None) -> torch.Tensor:
-    """Differentiable equal-split all-to-all along dim 0 (the identity on a single rank)."""
+    """Differentiable equal-split all-to-all along dim 0 (on a single rank: the buffer itself); contiguous."""
     if group is None:
-        return send
+        return send.contiguous()
     return AllToAll.apply(send.contiguous(), require_process_group(group, "all-to-all"))
 
 
