@@ -35,6 +35,17 @@ class SSMShape:
         return self.d_inner + 2 * self.n_groups * self.d_state
 
 
+def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.cumsum(dim)``, computed along the last, contiguous dim (then laid out like ``t`` again).
+
+    A scan along an outer dim of a ``[..., T, H]`` tensor runs one sequential thread per column on CUDA: at
+    64K tokens and 128 heads, 25 ms per step on an H200 (float64, fwd+bwd), where the same scan along the
+    innermost dim is a parallel block scan; the two transposing copies are ``T * H`` values each. The
+    backward (a reversed cumsum) inherits the fast layout.
+    """
+    return t.transpose(dim, -1).contiguous().cumsum(-1).transpose(dim, -1).contiguous()
+
+
 def decay_rates(A_log_H: torch.Tensor) -> torch.Tensor:
     """``A = -exp(A_log)`` ``[H]``: each head's decay rate (float32 for half-precision parameters)."""
     return -torch.exp(A_log_H.float() if A_log_H.dtype in (torch.float16, torch.bfloat16) else A_log_H)

@@ -24,7 +24,7 @@ from ..kernels.segment_scan import SegmentWork, build_segment_work, segment_stat
 from ..kernels.ssd_reference import process_dt
 from ..layout import TokenPlan
 from ..plan_cache import PlanCache
-from ..ssm_block import SSMShape, conv_split, decay_rates
+from ..ssm_block import SSMShape, conv_split, decay_rates, token_cumsum
 from .base import FinalStates
 
 
@@ -64,23 +64,30 @@ def sequence_ranges(plans: PlanCache, plan: TokenPlan, device: torch.device) -> 
     return plans.get("sequence-ranges", (id(plan), str(device)), None, build)
 
 
+def range_tails(
+    x_RLC: torch.Tensor, width: int, first: torch.Tensor | None = None, stop: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last ``width`` tokens of each range, zeros before its start: ``[R, width, C]``.
+
+    Without ``first``/``stop`` the ranges are the rows of ``x_RLC`` ``[R, L, C]``; with them (``[R]`` int64) they
+    are the token ranges ``[first, stop)`` of a packed ``[1, T, C]`` (device index ops, no host read).
+    """
+    if first is None:
+        length = x_RLC.shape[1]
+        return x_RLC[:, length - width :] if length >= width else F.pad(x_RLC, (0, 0, width - length, 0))
+    pos = stop[:, None] - width + torch.arange(width, device=stop.device)  # [R, width]
+    picked = x_RLC[0].index_select(0, pos.clamp(min=0).reshape(-1)).view(*pos.shape, x_RLC.shape[-1])
+    inside = (pos >= first[:, None])[..., None]
+    return torch.where(inside, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+
 def last_tokens(xBC_BLC: torch.Tensor, width: int, ranges: SequenceRanges | None) -> torch.Tensor:
     """The last ``width`` pre-conv tokens of every sequence, zeros before its start: ``[S, C, width]``.
 
     ``xBC_BLC`` ``[B, L, C]`` (rows of whole sequences: ``S = B``) or, with ``ranges``, a packed ``[1, T, C]``.
     """
-    if ranges is None:
-        length = xBC_BLC.shape[1]
-        tail = xBC_BLC[:, max(0, length - width) :]
-        if length < width:
-            tail = F.pad(tail, (0, 0, width - length, 0))
-        return tail.transpose(1, 2).contiguous()
-    pos = ranges.stop[:, None] - width + torch.arange(width, device=ranges.stop.device)  # [S, width]
-    inside = pos >= ranges.first[:, None]
-    picked = xBC_BLC[0].index_select(0, pos.clamp(min=0).reshape(-1)).view(*pos.shape, -1)
-    return torch.where(inside[..., None], picked, torch.zeros((), dtype=picked.dtype, device=picked.device)).transpose(
-        1, 2
-    )
+    bounds = () if ranges is None else (ranges.first, ranges.stop)
+    return range_tails(xBC_BLC, width, *bounds).transpose(1, 2).contiguous()
 
 
 def sequence_end_states(
@@ -91,7 +98,7 @@ def sequence_end_states(
     ``dt_TH`` is the processed time step (softplus, clamp) and ``dA_TH = dt * A`` each token's log decay, both in
     the compute dtype; ``x_THP`` and ``B_TGN`` the conv output. Log decays are summed in float64.
     """
-    cum = F.pad(dA_TH.double().transpose(0, 1).cumsum(-1).transpose(0, 1), (0, 0, 1, 0))  # [T+1, H]: tokens < t
+    cum = F.pad(token_cumsum(dA_TH.double(), dim=0), (0, 0, 1, 0))  # [T+1, H]: sum over tokens < t
     after = cum.index_select(0, ranges.stop).index_select(0, ranges.token_seq) - cum[1:]  # log decay after t
     weight = after.to(dt_TH.dtype).exp() * dt_TH
     return segment_states(x_THP, B_TGN, weight, ranges.work)

@@ -51,21 +51,11 @@ from ..kernels.segment_scan import segment_states, state_correction
 from ..kernels.ssd_reference import process_dt
 from ..plan_cache import PlanCache
 from ..segments import SegmentPlan, chain_rank, segment_plan
-from ..ssm_block import decay_rates
+from ..ssm_block import decay_rates, token_cumsum
 from ..validation import ConfigError, batch_dims, describe_fingerprint
 from .base import FinalStates, SSMConfig, SSMParams, project
+from .final_states import range_tails
 from .state_chain import pass_states
-
-
-def token_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t.cumsum(dim)``, computed along the last, contiguous dim (then laid out like ``t`` again).
-
-    A scan along an outer dim of a ``[..., T, H]`` tensor runs one sequential thread per column on CUDA: at
-    64K tokens and 128 heads, 25 ms per step on an H200 (float64, fwd+bwd), where the same scan along the
-    innermost dim is a parallel block scan; the two transposing copies are ``T * H`` values each. The
-    backward (a reversed cumsum) inherits the fast layout.
-    """
-    return t.transpose(dim, -1).contiguous().cumsum(-1).transpose(dim, -1).contiguous()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -348,16 +338,9 @@ class StatePassing:
     def _segment_tails(self, xBC_BLC: torch.Tensor, width: int, plan: SegmentPlan) -> torch.Tensor:
         """The last ``width`` pre-conv tokens of each of this rank's segments, zeros before a segment's start
         when it is shorter: ``[2S, width, C]`` (device index ops, no host read)."""
-        channels = xBC_BLC.shape[-1]
         if plan.packed is None:
-            rows, c = 2 * plan.batch, plan.seg_len
-            seg = xBC_BLC.reshape(rows, c, channels)
-            return seg[:, c - width :] if c >= width else F.pad(seg, (0, 0, width - c, 0))
-        pk = plan.packed
-        pos = pk.seg_stop[:, None] - width + torch.arange(width, device=pk.seg_stop.device)  # [2S, width]
-        picked = xBC_BLC[0].index_select(0, pos.clamp(min=0).reshape(-1)).view(*pos.shape, channels)
-        inside = (pos >= pk.seg_first[:, None])[..., None]
-        return torch.where(inside, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+            return range_tails(xBC_BLC.reshape(2 * plan.batch, plan.seg_len, xBC_BLC.shape[-1]), width)
+        return range_tails(xBC_BLC, width, plan.packed.seg_first, plan.packed.seg_stop)
 
     def _gather_final_states(self, tail_end: torch.Tensor, tails: torch.Tensor, plan: SegmentPlan) -> FinalStates:
         """Every rank's tail-segment end states ``[S, H, P, N]`` and segment tails ``[2S, K, C]`` -> the
