@@ -5,8 +5,8 @@ backend, re-initialised for every row) makes every collective complete at once w
 rank 0 runs exactly its own compute on its own shard, with its own memory, through the unchanged library.
 For every ``cp`` in ``--cps``, strategy in ``--strategies`` (``cp=1``: the plain model, once), layout
 (``bshd``: one row ``[1, L]``; ``thd``: a pack of ``--docs`` documents of mixed lengths from
-``bench_mixer.doc_lengths``, the same documents for every ``cp``) and length ``L`` it measures rank 0's
-forward + backward:
+``bench_mixer.doc_lengths``, the same documents for every ``cp``, cut per document; ``stream``: the same pack cut
+as one stream, ``packed_layout="stream"``) and length ``L`` it measures rank 0's forward + backward:
 
 * ``mixer``: the NemotronH-8B-like Mamba2 mixer (``bench_mixer.MODELS``), as ``bench_mixer`` times it.
 * ``hybrid``: a transformers ``NemotronHForCausalLM`` of NemotronH-8B width (random weights, small vocab,
@@ -179,6 +179,11 @@ def plan_rows(args: argparse.Namespace) -> list[RowSpec]:
     return sorted(rows, key=lambda r: (order[r.what], r.cost(), r.length, r.layout, r.cp, r.strategy))
 
 
+def packed_layout(layout: str) -> str:
+    """The ``packed_layout`` a row's layout runs with (``stream``: the pack cut as one stream)."""
+    return "stream" if layout == "stream" else "sequences"
+
+
 def doc_pack(length: int, docs: int, multiple: int, seed: int) -> list[int]:
     """The packed (THD) layout's document lengths: ``bench_mixer.doc_lengths``, at most ``length / multiple``
     documents so that tiny CPU sizes still pack."""
@@ -201,7 +206,8 @@ def int32_hazard(spec: RowSpec, num_heads: int, head_dim: int) -> str | None:
     elif spec.strategy == "hidden":
         tokens, heads = spec.length, num_heads // spec.cp
     else:
-        tokens, heads = (spec.length // (2 * spec.cp) if spec.layout == "bshd" else spec.local_tokens), num_heads
+        per_segment = spec.layout in ("bshd", "stream")
+        tokens, heads = (spec.length // (2 * spec.cp) if per_segment else spec.local_tokens), num_heads
     elements = tokens * heads * head_dim
     if elements <= _INT32_ELEMENTS:
         return None
@@ -291,7 +297,15 @@ def ssm_shape(dims: dict) -> SSMShape:
 
 
 def mixer_exchanges(
-    shape: SSMShape, tokens: int, cp: int, strategy: str, num_seqs: int, conv_kernel: int, dtype_bytes: int = 2
+    shape: SSMShape,
+    tokens: int,
+    cp: int,
+    strategy: str,
+    num_seqs: int,
+    conv_kernel: int,
+    dtype_bytes: int = 2,
+    *,
+    stream: bool = False,
 ) -> list[dict]:
     """Off-rank bytes of every collective one mixer runs in a forward pass, with the GEMM that can hide it.
 
@@ -312,10 +326,11 @@ def mixer_exchanges(
             {"name": "bwd dy", "bytes": back, "hide": "dW_z", "pass": "bwd"},
             {"name": "bwd d(x|B|C|dt)", "bytes": there, "hide": "dh_z", "pass": "bwd"},
         ]
-    total = STRATEGY_BYTES["state_passing"](shape, tokens, cp, dtype_bytes, conv_kernel=conv_kernel, num_seqs=num_seqs)[
-        "off_rank"
-    ]
-    halos = 2 * num_seqs * (conv_kernel - 1) * shape.conv_dim * dtype_bytes * (cp - 1)
+    total = STRATEGY_BYTES["state_passing"](
+        shape, tokens, cp, dtype_bytes, conv_kernel=conv_kernel, num_seqs=num_seqs, stream=stream
+    )["off_rank"]
+    rows = 1 if stream else num_seqs
+    halos = 2 * rows * (conv_kernel - 1) * shape.conv_dim * dtype_bytes * (cp - 1)
     states = total - halos
     return [
         {"name": "fwd halos", "bytes": halos, "hide": None, "pass": "fwd"},
@@ -447,7 +462,7 @@ def run_mixer_row(spec: RowSpec, args, device: torch.device, clock) -> dict:
         torch.manual_seed(args.seed)
         mixer = Mamba2Mixer(**dims, device=device, dtype=dtype)
         if spec.cp > 1:
-            parallelize(mixer, group, strategy=spec.strategy)
+            parallelize(mixer, group, strategy=spec.strategy, packed_layout=packed_layout(spec.layout))
         x, g, cu, seqs = mixer_batch(spec, dims["hidden_size"], dtype, device, args)
         step = bench.mixer_step(mixer, x, g, cu)
         timing = timed(step, clock, args.warmup, args.iters, device, spec.cp, count=True)
@@ -455,7 +470,9 @@ def run_mixer_row(spec: RowSpec, args, device: torch.device, clock) -> dict:
         free_memory(device)
         hide = safe_hideable(spec, dims["hidden_size"], shape.d_inner, dtype, device, clock)
     nbytes = dtype.itemsize
-    exchanges = mixer_exchanges(shape, spec.length, spec.cp, spec.strategy, seqs, dims["conv_kernel"], nbytes)
+    exchanges = mixer_exchanges(
+        shape, spec.length, spec.cp, spec.strategy, seqs, dims["conv_kernel"], nbytes, stream=spec.layout == "stream"
+    )
     return {
         "ms": timing["ms"],
         "ms_min": timing["ms_min"],
@@ -496,7 +513,9 @@ def enable_checkpointing(model: nn.Module) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def build_hybrid(dims: dict, pattern: str, args, device: torch.device, group, strategy: str) -> nn.Module:
+def build_hybrid(
+    dims: dict, pattern: str, args, device: torch.device, group, strategy: str, layout: str = "bshd"
+) -> nn.Module:
     """The parallelized, checkpointed (optionally FSDP2-sharded) NemotronH hybrid of ``pattern``'s layers."""
     from transformers import NemotronHForCausalLM
 
@@ -505,7 +524,12 @@ def build_hybrid(dims: dict, pattern: str, args, device: torch.device, group, st
         model = NemotronHForCausalLM(nemotron_config(dims, pattern, args.vocab))
     model = model.to(getattr(torch, args.dtype)).train()
     enable_checkpointing(model)
-    parallelize(model, group if group.size() > 1 else None, strategy="hidden" if strategy == "plain" else strategy)
+    parallelize(
+        model,
+        group if group.size() > 1 else None,
+        strategy="hidden" if strategy == "plain" else strategy,
+        packed_layout=packed_layout(layout),
+    )
     if args.fsdp and group.size() > 1:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
@@ -625,7 +649,9 @@ def hybrid_batch(spec: RowSpec, args, device) -> tuple[torch.Tensor, torch.Tenso
     return ids, labels, cu, len(lengths)
 
 
-def hybrid_step(model: nn.Module, ids, labels, cu, group, layer_clock: LayerClock) -> Callable[[], None]:
+def hybrid_step(
+    model: nn.Module, ids, labels, cu, group, layer_clock: LayerClock, layout: str = "bshd"
+) -> Callable[[], None]:
     """One training step's fwd+bwd of ``model`` on this rank's tokens (no optimizer step)."""
     params = list(model.parameters())
     cp_group = group if group.size() > 1 else None
@@ -633,7 +659,7 @@ def hybrid_step(model: nn.Module, ids, labels, cu, group, layer_clock: LayerCloc
     def step() -> None:
         for p in params:
             p.grad = None
-        with mamba_cp.batch_context(cu_seqlens=cu, cp_group=cp_group):
+        with mamba_cp.batch_context(cu_seqlens=cu, cp_group=cp_group, packed_layout=packed_layout(layout)):
             layer_clock.begin()
             logits = model(input_ids=ids).logits
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
@@ -648,7 +674,7 @@ def measure_depth(spec: RowSpec, pattern: str, args, device, clock) -> dict:
     """One depth of the hybrid: time, peak, per-kind layer times, parameter bytes per kind."""
     dims = HYBRIDS[args.hybrid]
     with fake_group(spec.cp) as group:
-        model = build_hybrid(dims, pattern, args, device, group, spec.strategy)
+        model = build_hybrid(dims, pattern, args, device, group, spec.strategy, spec.layout)
         blocks = list(model.model.layers)
         kind_bytes: dict[str, list[int]] = collections.defaultdict(list)
         kind_params: dict[str, list[int]] = collections.defaultdict(list)
@@ -657,7 +683,7 @@ def measure_depth(spec: RowSpec, pattern: str, args, device, clock) -> dict:
             kind_params[c].append(param_count(block))
         layer_clock = LayerClock(blocks, clock)
         ids, labels, cu, seqs = hybrid_batch(spec, args, device)
-        step = hybrid_step(model, ids, labels, cu, group, layer_clock)
+        step = hybrid_step(model, ids, labels, cu, group, layer_clock, spec.layout)
         timing = timed(step, clock, args.hybrid_warmup, args.hybrid_iters, device, spec.cp, args.count_hybrid_bytes)
         per_kind, rest, complete = layer_clock.kind_times(pattern, args.hybrid_iters)
         layer_clock.remove()

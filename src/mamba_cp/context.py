@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .groups import CPGroup, resolve_cp_group
-from .layout import head_tail_positions, packed_head_tail_positions
-from .sharding import shard
-from .validation import check_cu_seqlens
+from .layout import head_tail_positions
+from .sharding import global_positions, shard
+from .validation import check_packed_batch, check_packed_layout
 
 _CURRENT: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar("mamba_cp_batch", default=None)
 _OPEN: list[BatchContext] = []
@@ -52,6 +52,9 @@ class BatchContext:
     seq_len: int | None = None
     """Global tokens per row: BSHD ``L`` when known (given to :func:`batch_context` or by
     :func:`mamba_cp.shard_batch`), packed ``T`` (``cu_seqlens[-1]``); None when unknown."""
+    packed_layout: str = "sequences"
+    """How a packed batch is cut over the ranks: ``"sequences"`` or ``"stream"`` (the model must be parallelized
+    with the same; its pre-hook checks)."""
     shard_lengths: set[int] = field(default_factory=set, compare=False, repr=False)
     """Global lengths :meth:`shard` has cut in this block (BSHD): a model call whose local length times ``cp``
     is none of them was given a tensor that was not sharded (:meth:`check_local_length`)."""
@@ -65,13 +68,15 @@ class BatchContext:
         """This rank's head-tail shard of a global tensor (see :func:`mamba_cp.shard`).
 
         BSHD: ``[B, L, ...]`` -> ``[B, L_local, ...]``; packed: ``[1, T, ...]`` -> ``[1, T_local, ...]`` (or
-        ``[T, ...]`` with ``seq_dim=0``), cut per sequence with this context's ``cu_seqlens``.
+        ``[T, ...]`` with ``seq_dim=0``), cut with this context's ``cu_seqlens`` in its ``packed_layout``.
         """
         if self.cu_seqlens is None:
             self.shard_lengths.add(int(x.shape[seq_dim]))
         if self.cp_group.size == 1:
             return x
-        return shard(x, self.cp_group.size, self.cp_group.rank, seq_dim, self.cu_seqlens)
+        return shard(
+            x, self.cp_group.size, self.cp_group.rank, seq_dim, self.cu_seqlens, packed_layout=self.packed_layout
+        )
 
     def check_local_length(self, local_len: int, cp_size: int | None = None) -> None:
         """``ValueError`` when this rank's ``local_len`` tokens per row contradict the batch's global length.
@@ -99,7 +104,9 @@ class BatchContext:
 
     def position_ids(self, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, L_local]`` int64: each of this rank's tokens' position in its own sequence."""
-        return local_positions(self.cp_group.size, self.cp_group.rank, local_len, self.cu_seqlens, device)
+        return local_positions(
+            self.cp_group.size, self.cp_group.rank, local_len, self.cu_seqlens, device, self.packed_layout
+        )
 
 
 def local_positions(
@@ -108,28 +115,34 @@ def local_positions(
     local_len: int,
     cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    packed_layout: str = "sequences",
 ) -> torch.Tensor:
     """``[1, L_local]`` int64 positions of rank ``cp_rank``'s tokens, each counted from its sequence's start.
 
     BSHD: the head-tail positions of a row of ``L = L_local * cp`` tokens. Packed: for every token of this
-    rank's shard, its offset inside its own sequence (global ``cu_seqlens`` ``[S + 1]``). These are the
-    positions rotary embeddings need to see. Raises ``ValueError`` when the lengths do not fit the layout.
+    rank's shard (cut in ``packed_layout``), its offset inside its own sequence (global ``cu_seqlens``
+    ``[S + 1]``). These are the positions rotary embeddings need to see. Raises ``ValueError`` when the lengths
+    do not fit the layout.
     """
     total = local_len * cp_size
     if cu_seqlens is None:
         if cp_size == 1:
             return torch.arange(local_len, device=device)[None]
         return head_tail_positions(total, cp_size)[cp_rank].to(device)[None]
-    bounds = check_cu_seqlens(cu_seqlens, total, multiple_of=2 * cp_size if cp_size > 1 else 1)
+    bounds = check_packed_batch(cu_seqlens, total, cp_size, packed_layout)
     cu = torch.tensor(bounds, dtype=torch.int64)
-    positions = torch.arange(total) if cp_size == 1 else packed_head_tail_positions(cu, cp_size)[cp_rank]
+    positions = global_positions(total, cp_size, cu, packed_layout)[cp_rank]
     starts = cu[torch.bucketize(positions, cu[1:], right=True)]
     return (positions - starts).to(device)[None]
 
 
 @contextmanager
 def batch_context(
-    cu_seqlens: torch.Tensor | None = None, cp_group=None, seq_len: int | None = None
+    cu_seqlens: torch.Tensor | None = None,
+    cp_group=None,
+    seq_len: int | None = None,
+    *,
+    packed_layout: str = "sequences",
 ) -> Iterator[BatchContext]:
     """Make a batch's layout visible to every layer of a parallelized model for the ``with`` block.
 
@@ -138,17 +151,21 @@ def batch_context(
 
     Args:
         cu_seqlens: ``[S + 1]`` *global* boundaries of a packed batch (int32/int64, starting at 0); None
-            for BSHD. Under CP every sequence length must divide by ``2 * cp``.
+            for BSHD. Under CP every sequence length must divide by ``2 * cp`` (``packed_layout="sequences"``), or
+            the token count ``T`` (``"stream"``).
         cp_group: the CP ``ProcessGroup`` / 1-D ``DeviceMesh`` (None: no CP); used by :meth:`BatchContext.shard`
             and :meth:`BatchContext.position_ids`.
         seq_len: optional global tokens per row of a BSHD batch (packed: ``cu_seqlens[-1]``, checked when
             given); a parallelized transformers model then refuses a local length that is not ``seq_len / cp``.
+        packed_layout: how a packed batch is cut over the ranks (``"sequences"`` or ``"stream"``, as the model
+            was parallelized).
 
     The boundaries are validated here, once per batch (``ValueError`` naming the offending sequence), so a
     bad batch fails before any layer issues a collective. Pass the *same* tensor object for the whole step:
     per-batch index maps and masks are cached on it.
     """
     group = resolve_cp_group(cp_group)
+    check_packed_layout(packed_layout)
     multiple = 2 * group.size if group.size > 1 else 1
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
@@ -156,13 +173,14 @@ def batch_context(
         if not isinstance(cu_seqlens, torch.Tensor):
             raise ValueError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
         total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
-        check_cu_seqlens(cu_seqlens, total, multiple_of=multiple)
+        check_packed_batch(cu_seqlens, total, group.size, packed_layout)
         if seq_len is not None and seq_len != total:
             raise ValueError(f"seq_len ({seq_len}) must equal the packed batch's token count cu_seqlens[-1] ({total})")
         seq_len = total
     elif seq_len is not None and seq_len % multiple:
         raise ValueError(f"global sequence length seq_len ({seq_len}) must be divisible by 2*cp_size ({multiple})")
-    with activate(BatchContext(cu_seqlens=cu_seqlens, cp_group=group, seq_len=seq_len)) as ctx:
+    context = BatchContext(cu_seqlens=cu_seqlens, cp_group=group, seq_len=seq_len, packed_layout=packed_layout)
+    with activate(context) as ctx:
         yield ctx
 
 

@@ -4,7 +4,9 @@ Shape legend: ``B`` batch, ``L`` global sequence length, ``L_local = L / cp``, `
 ``T_local = T / cp``, ``W`` any trailing width.
 
 The head-tail ("DualChunkSwap") layout cuts every sequence into ``2 * cp`` equal chunks; rank ``r`` holds
-chunks ``r`` and ``2*cp - 1 - r`` in that order (for packed batches: per sequence, sequences in order).
+chunks ``r`` and ``2*cp - 1 - r`` in that order. A packed batch is cut either per sequence (``packed_layout
+"sequences"``: every sequence in ``2*cp`` chunks, a rank's pieces in sequence order) or as one stream (``"stream"``:
+the whole pack in ``2*cp`` chunks, as a BSHD row; sequences may straddle chunks).
 
 Two families live here:
 
@@ -26,7 +28,14 @@ import torch
 from .collectives import check_same_batch
 from .groups import CPGroup
 from .plan_cache import PlanCache, varying
-from .validation import ConfigError, check_cu_seqlens, check_divisible, describe_fingerprint, layout_fingerprint
+from .validation import (
+    ConfigError,
+    check_cu_seqlens,
+    check_divisible,
+    check_packed_batch,
+    describe_fingerprint,
+    layout_fingerprint,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Positions of a rank's tokens in the global sequence
@@ -67,6 +76,15 @@ def packed_head_tail_positions(cu_seqlens: torch.Tensor, cp_size: int, total: in
     in_tail = offset >= half
     chunk = torch.where(in_tail, 2 * cp_size - 1 - ranks, ranks)  # [cp, T_local]
     return cu[seq] + chunk * half + torch.where(in_tail, offset - half, offset)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, cp_size: int, total: int, packed_layout: str) -> torch.Tensor:
+    """``[cp, T / cp]`` global positions of every rank's tokens of a validated packed batch in ``packed_layout``
+    (``"sequences"``: :func:`packed_head_tail_positions`; ``"stream"``: :func:`head_tail_positions` of the whole
+    pack), on ``cu_seqlens``' device."""
+    if packed_layout == "stream":
+        return head_tail_positions(total, cp_size, cu_seqlens.device)
+    return packed_head_tail_positions(cu_seqlens, cp_size, total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +258,7 @@ def _build_token_plan(
     local_len: int,
     cu_seqlens: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    packed_layout: str = "sequences",
 ) -> tuple[TokenPlan, list[int] | None]:
     """Validate a batch's layout and build its :class:`TokenPlan`, with the validated boundaries on the host
     (None for BSHD). The host values stay out of the plan: code traced by ``torch.compile`` would specialise on
@@ -251,6 +270,7 @@ def _build_token_plan(
         local_len: ``L_local`` (``T_local`` for packed batches) on each rank.
         cu_seqlens: ``[S + 1]`` *global* boundaries of a packed batch, or None for BSHD.
         device: where the index tensors live (the activations' device).
+        packed_layout: how a packed batch is cut over the ranks (``"sequences"`` or ``"stream"``).
     """
     global_len = local_len * cp_size
     multiple = 2 * cp_size if cp_size > 1 else 1
@@ -264,10 +284,10 @@ def _build_token_plan(
     else:
         if batch != 1:
             raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=multiple)
+        bounds = check_packed_batch(cu_seqlens, global_len, cp_size, packed_layout)
         cu_dev = varying(torch.tensor(bounds, dtype=torch.int64, device=dev))
         if cp_size > 1:
-            positions = packed_head_tail_positions(cu_dev, cp_size, global_len)
+            positions = packed_positions(cu_dev, cp_size, global_len, packed_layout)
         seq_idx = torch.bucketize(torch.arange(global_len, device=dev), cu_dev[1:], right=True)
         seq_idx = seq_idx.to(torch.int32)[None]
     if cp_size == 1:
@@ -300,7 +320,7 @@ def token_plan(
     key = (group.size, batch, local_len, str(device))
 
     def build() -> TokenPlan:
-        plan, bounds = _build_token_plan(group.size, batch, local_len, cu_seqlens, device)
+        plan, bounds = _build_token_plan(group.size, batch, local_len, cu_seqlens, device, cache.packed_layout)
         if group.size > 1:
             check_same_batch(group.group, layout_fingerprint(local_len, batch, bounds), describe_fingerprint)
         return plan

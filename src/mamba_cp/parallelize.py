@@ -12,7 +12,7 @@ from .groups import resolve_cp_group
 from .mixer import Mamba2Mixer
 from .plan_cache import PlanCache
 from .strategies import STRATEGIES, LocalStrategy, StrategyOptions, Workload, choose_strategy, measure_bandwidth_gbps
-from .validation import ConfigError
+from .validation import ConfigError, check_packed_layout
 
 _ALIASES = {"hidden_parallel": "hidden", "hidden-parallel": "hidden", "state-passing": "state_passing"}
 
@@ -30,6 +30,7 @@ def parallelize(
     debug: bool | None = None,
     fuse_projection: bool = True,
     workload: Workload | None = None,
+    packed_layout: str = "sequences",
 ) -> nn.Module:
     """Run every Mamba2 mixer in ``module`` context-parallel over ``cp_group``; returns ``module``.
 
@@ -47,10 +48,16 @@ def parallelize(
         workload: what ``"auto"`` chooses for (tokens per row, documents per row, bandwidth); default
             :class:`~mamba_cp.strategies.cost.Workload` (128K tokens, BSHD, the bandwidth measured once with a
             small timed all-to-all).
+        packed_layout: how packed batches are cut over the ranks: ``"sequences"`` (every sequence in ``2*cp``
+            chunks, Transformer Engine's THD layout; the default) or ``"stream"`` (the whole pack in ``2*cp``
+            chunks, like one BSHD row: state passing then costs what it costs on BSHD, whatever the number of
+            documents, and sequence lengths need not divide by ``2*cp``). Shard the batch the same way
+            (``shard(..., packed_layout=)``, ``shard_batch(..., packed_layout=)``).
 
     All mixers and attention layers share one per-batch plan cache, so a batch's index maps are built once
     per step. Every check (head and group divisibility) runs here, on every rank, before any collective.
     """
+    check_packed_layout(packed_layout)
     strategy = _ALIASES.get(strategy, strategy)
     if strategy not in STRATEGIES and strategy != "auto":
         raise ConfigError(f"unknown CP strategy {strategy!r}; choose one of {sorted([*STRATEGIES, 'auto'])}")
@@ -58,7 +65,7 @@ def parallelize(
     if not mixers:
         raise ConfigError(f"{type(module).__name__} contains no Mamba2Mixer to parallelize")
     group = resolve_cp_group(cp_group)
-    plans = PlanCache()
+    plans = PlanCache(packed_layout=packed_layout)
     options = StrategyOptions(fuse_projection=fuse_projection, debug=debug_from_env() if debug is None else debug)
     workload = workload or Workload()
     bandwidth = workload.bandwidth_gbps

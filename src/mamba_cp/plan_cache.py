@@ -26,6 +26,8 @@ from typing import TypeVar
 
 import torch
 
+from .validation import check_packed_layout
+
 T = TypeVar("T")
 
 
@@ -49,8 +51,11 @@ class PlanCache:
     counts the calls to ``build`` per kind (tests use it to prove per-batch reuse).
     """
 
-    def __init__(self, capacity: int = 16) -> None:
+    def __init__(self, capacity: int = 16, packed_layout: str = "sequences") -> None:
         self.capacity = capacity
+        self.packed_layout = check_packed_layout(packed_layout)
+        """How the model's packed batches are cut over the ranks (fixed per model: every plan built from this cache
+        is in it; see :data:`~mamba_cp.validation.PACKED_LAYOUTS`)."""
         self._entries: list[tuple[tuple, weakref.ref | None, object]] = []
         self._pinned: dict[tuple, object] = {}
         self.builds: dict[str, int] = {}

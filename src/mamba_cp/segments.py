@@ -14,6 +14,14 @@ index), whatever the packing. Rank 0's tail of sequence ``s`` and head of ``s + 
 global order, but they are kept as two segments: the boundary between them resets the state anyway, and a
 uniform ``[S, 2]`` grid of segments keeps every per-layer op a fixed-shape tensor op.
 
+A packed batch in the *stream* layout (``packed_layout="stream"``) is cut like one BSHD row: rank ``r`` holds
+chunks ``r`` and ``2*cp-1-r`` of the whole pack, so it has two segments whatever the number of documents, and
+one chain of ``2*cp`` segments runs through the pack. Documents may start anywhere inside a segment
+(:class:`StreamIndex`): the conv and the SSD take each segment's document ids (``seq_idx``), a segment's summary
+counts only its last document, a segment that starts a document takes no incoming state, and a segment that
+holds a document start is a *barrier* the chain does not pass through. Per-document work disappears: a document
+wholly inside a segment needs nothing beyond the SSD kernel's own ``seq_idx``.
+
 Per-segment reductions (each segment's final state) and broadcasts (its incoming state) run over the
 segments as token ranges of the flat local axis (:class:`~mamba_cp.kernels.segment_scan.SegmentWork`, the
 work table of the fused kernels): BSHD segments are the rows of ``[2B, c]``, packed segments the pieces of
@@ -33,7 +41,7 @@ import torch
 
 from .kernels.segment_scan import SegmentWork, build_segment_work, row_segments
 from .plan_cache import PlanCache, varying
-from .validation import ConfigError, check_cu_seqlens, layout_fingerprint
+from .validation import ConfigError, check_packed_batch, layout_fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,26 @@ class PackedIndex:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamIndex:
+    """Where documents start inside this rank's two segments ``[2, c]`` of a pack in the stream layout; all on the
+    tokens' device."""
+
+    seq_idx: torch.Tensor
+    """``[2, c]`` int32 document id of each token, counted from the segment's first document (0): the conv's and
+    the SSD kernel's ``seq_idx`` (the kernel's ``initial_states`` feeds document 0 only)."""
+    last_doc: torch.Tensor
+    """``[2, c]`` bool: the token belongs to the segment's last document, the only one its end state sees."""
+    window_seq_idx: torch.Tensor
+    """``[2, 2*halo]`` int32 document ids of the conv windows ``[halo before the segment | its first halo
+    tokens]`` (the halo slots before the pack's start read zeros)."""
+    barrier: torch.Tensor
+    """``[2]`` bool: the segment holds a document start (its first token included), so no state passes through it
+    (it rides with the summaries)."""
+    keep_incoming: torch.Tensor
+    """``[2]`` bool: False where the segment's first token starts a document (its incoming state is dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SegmentPlan:
     """How one batch's tokens on one rank split into segments, and how segments connect across ranks."""
 
@@ -75,19 +103,22 @@ class SegmentPlan:
     local_len: int
     """``L_local`` (``T_local`` for packed batches): tokens per batch row on this rank."""
     num_seqs: int
-    """``S``: sequences (``B`` for BSHD); this rank holds ``2*S`` segments."""
+    """``S``: chains of segments: sequences (``B`` for BSHD, 1 for a pack in the stream layout); this rank holds
+    ``2*S`` segments."""
     halo: int
     """``K - 1``: pre-conv tokens each segment needs from the tokens before it."""
     block_size: int
     """``Q``: the mixer's SSD chunk size."""
     seg_len: int | None
-    """BSHD: tokens per segment (``L_local / 2``); None for packed batches (lengths vary)."""
+    """BSHD and stream: tokens per segment (``L_local / 2``); None for per-sequence packs (lengths vary)."""
     halo_rows: torch.Tensor
     """``[n_halo]`` rows of the all-gathered tail buffer ``[cp * 2*S * halo]`` that feed a halo slot."""
     halo_slots: torch.Tensor
     """``[n_halo]`` the halo slot (of ``[2*S * halo]``) each feeds; slots before a sequence start stay 0."""
     packed: PackedIndex | None
-    """THD index maps (None for BSHD)."""
+    """THD index maps of a per-sequence pack (None for BSHD and stream)."""
+    stream: StreamIndex | None
+    """Document starts of a pack in the stream layout (None otherwise)."""
     work: SegmentWork
     """This rank's segments as token ranges, for the fused summary and correction kernels."""
     fingerprint: torch.Tensor
@@ -178,6 +209,27 @@ def _packed_index(seg_len_S: torch.Tensor, halo: int, device) -> tuple[PackedInd
     return index, work
 
 
+def _stream_index(bounds: list[int], cp_size: int, cp_rank: int, seg_len: int, halo: int, device) -> StreamIndex:
+    """This rank's :class:`StreamIndex` for a pack of ``T = 2*cp*seg_len`` tokens with global ``bounds``
+    ``[S + 1]`` (built on the CPU, moved to ``device``)."""
+    cu = torch.tensor(bounds, dtype=torch.int64)
+    chunk = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])[:, None]  # [2, 1] the segments' chunks
+    start = chunk * seg_len  # [2, 1] first global position of each segment
+    pos = start + torch.arange(seg_len)  # [2, c]
+    doc = torch.bucketize(pos, cu[1:], right=True)  # [2, c] global document of each token
+    local = doc - doc[:, :1]
+    window = (start - halo + torch.arange(2 * halo)).clamp(min=0)  # [2, 2 halo]; slots before 0 hold zeros
+    window_doc = torch.bucketize(window, cu[1:], right=True) - doc[:, :1]
+    starts_doc = torch.isin(pos, cu[:-1])  # [2, c] tokens that start a document
+    return StreamIndex(
+        seq_idx=local.to(device, torch.int32),
+        last_doc=(doc == doc[:, -1:]).to(device),
+        window_seq_idx=window_doc.to(device, torch.int32),
+        barrier=starts_doc.any(dim=1).to(device),
+        keep_incoming=(~starts_doc[:, 0]).to(device),
+    )
+
+
 def build_segment_plan(
     cp_size: int,
     cp_rank: int,
@@ -188,6 +240,7 @@ def build_segment_plan(
     halo: int,
     block_size: int,
     device: torch.device | str | None = None,
+    packed_layout: str = "sequences",
 ) -> SegmentPlan:
     """Validate a batch's layout and build rank ``cp_rank``'s :class:`SegmentPlan` (a pure function).
 
@@ -200,6 +253,7 @@ def build_segment_plan(
         halo: ``conv_kernel - 1``.
         block_size: ``Q``, the mixer's SSD chunk size.
         device: where the index tensors live (the activations' device).
+        packed_layout: how a packed batch is cut over the ranks (``"sequences"`` or ``"stream"``).
 
     Raises ``ValueError`` when a length does not split into ``2*cp`` equal chunks.
     """
@@ -208,8 +262,16 @@ def build_segment_plan(
     if halo < 0 or block_size < 1:
         raise ConfigError(f"halo ({halo}) must be >= 0 and block_size ({block_size}) >= 1")
     global_len = local_len * cp_size
-    packed = None
-    if cu_seqlens is None:
+    packed = stream = None
+    if cu_seqlens is not None and packed_layout == "stream":
+        if batch != 1:
+            raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
+        bounds = check_packed_batch(cu_seqlens, global_len, cp_size, packed_layout)
+        num_seqs, seg_len = 1, local_len // 2
+        seg_len_S = torch.full((1,), seg_len, dtype=torch.int64)
+        work = build_segment_work(*row_segments(2, seg_len), 2 * seg_len, device)
+        stream = _stream_index(bounds, cp_size, cp_rank, seg_len, halo, device)
+    elif cu_seqlens is None:
         if local_len < 2 or local_len % 2 != 0:
             raise ConfigError(
                 f"global sequence length L (local length x cp_size = {local_len} x {cp_size}) must be a "
@@ -221,13 +283,13 @@ def build_segment_plan(
     else:
         if batch != 1:
             raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        bounds = check_cu_seqlens(cu_seqlens, global_len, multiple_of=2 * cp_size)
+        bounds = check_packed_batch(cu_seqlens, global_len, cp_size, packed_layout)
         seq_lens = torch.tensor(bounds, dtype=torch.int64).diff()
         num_seqs, seg_len = seq_lens.numel(), None
         seg_len_S = seq_lens // (2 * cp_size)
         packed, work = _packed_index(seg_len_S, halo, device)
 
-    fingerprint = torch.tensor(layout_fingerprint(local_len, num_seqs, bounds))
+    fingerprint = torch.tensor(layout_fingerprint(local_len, num_seqs if bounds is None else len(bounds) - 1, bounds))
     halo_rows, halo_slots = halo_sources(seg_len_S, cp_size, cp_rank, halo)
 
     return SegmentPlan(
@@ -242,6 +304,7 @@ def build_segment_plan(
         halo_rows=varying(halo_rows.to(device)),
         halo_slots=varying(halo_slots.to(device)),
         packed=packed,
+        stream=stream,
         work=work,
         fingerprint=fingerprint.to(device),
     )
@@ -276,6 +339,7 @@ def segment_plan(
             halo=halo,
             block_size=block_size,
             device=device,
+            packed_layout=cache.packed_layout,
         )
 
     return cache.pin(name, cache.get("segment", key, cu_seqlens, build))

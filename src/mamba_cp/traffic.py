@@ -48,6 +48,7 @@ def state_passing_bytes(
     conv_kernel: int = 4,
     num_seqs: int = 1,
     state_bytes: int = 4,
+    stream: bool = False,
 ) -> dict[str, int]:
     """State passing: one all-gather and two all-to-alls per forward, independent of the sequence length
     (``tokens`` unused).
@@ -57,17 +58,21 @@ def state_passing_bytes(
     (float32) as the chains ``S*H`` are dealt out over the ranks (:mod:`mamba_cp.strategies.state_chain`):
     ``n = ceil(S*H / cp)`` chains per rank, out with their decays (``cp * 2*n*(P*N + 1)`` values), the incoming
     states back (``cp * 2*n*P*N``); an all-to-all keeps ``1/cp`` of its buffer. ``S`` is ``num_seqs`` (``B`` for
-    BSHD, the sequence count of a packed batch). The backward pass moves the same amounts the other way.
+    BSHD, the sequence count of a packed batch in the per-sequence layout). A pack in the stream layout
+    (``stream``) is one row whatever its documents (``S = 1``), and each link carries a barrier flag beside its
+    decay (``P*N + 2`` values out). The backward pass moves the same amounts the other way.
     """
     del tokens
     if cp < 1:
         raise ValueError(f"cp ({cp}) must be >= 1")
     if cp == 1:
         return {"send_buffers": 0, "off_rank": 0}
+    if stream:
+        num_seqs = 1
     halos = 2 * num_seqs * (conv_kernel - 1) * dims.conv_dim * dtype_bytes + FINGERPRINT_SIZE * 8
     per_rank = -(-num_seqs * dims.num_heads // cp)
     state = dims.head_dim * dims.d_state
-    out = cp * 2 * per_rank * (state + 1) * state_bytes
+    out = cp * 2 * per_rank * (state + 1 + int(stream)) * state_bytes
     back = cp * 2 * per_rank * state * state_bytes
     return {"send_buffers": halos + out + back, "off_rank": (cp - 1) * halos + (out + back) * (cp - 1) // cp}
 

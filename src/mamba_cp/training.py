@@ -44,7 +44,7 @@ import torch.nn as nn
 from .context import BatchContext, activate, current_batch, local_positions
 from .groups import CPGroup, resolve_cp_group
 from .sharding import shard, unshard
-from .validation import check_cu_seqlens
+from .validation import check_packed_batch, check_packed_layout
 
 IGNORE_INDEX = -100
 """transformers' label value for tokens without a target (``ForCausalLMLoss``'s default ``ignore_index``)."""
@@ -132,7 +132,9 @@ def count_targets(shifted: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> to
 
 
 def _layout_key(group: CPGroup, ctx: BatchContext | None) -> tuple:
-    return (group.size, group.rank, None if ctx is None else ctx.cu_seqlens)
+    if ctx is None or not ctx.packed:
+        return (group.size, group.rank, None, None)
+    return (group.size, group.rank, ctx.cu_seqlens, ctx.packed_layout)
 
 
 def _mark(t: torch.Tensor, key: tuple) -> None:
@@ -146,7 +148,7 @@ def _tag(t: torch.Tensor) -> tuple | None:
 
 
 def _same_layout(a: tuple | None, b: tuple) -> bool:
-    return a is not None and a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
+    return a is not None and a[0] == b[0] and a[1] == b[1] and a[2] is b[2] and a[3] == b[3]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +208,7 @@ def shard_batch(
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    packed_layout: str = "sequences",
 ) -> ShardedBatch:
     """Cut a *global* batch into what this CP rank passes to a parallelized model, correct by construction.
 
@@ -229,6 +232,8 @@ def shard_batch(
         num_items_in_batch: the target count the loss divides by; default: the target tokens of this batch
             over every CP rank. Pass the count over every micro-batch when accumulating gradients.
         ignore_index: the label value without a target.
+        packed_layout: how a packed batch is cut over the ranks, as the model was parallelized (``"sequences"``:
+            every document in ``2*cp`` chunks; ``"stream"``: the whole pack in ``2*cp`` chunks).
 
     Returns a :class:`ShardedBatch`: ``with shard_batch(...) as batch: model(**batch.inputs).loss.backward()``.
     Every check happens here on the global batch, identically on every rank, before any collective; nothing is
@@ -267,19 +272,19 @@ def shard_batch(
                 "sequences into one row and pass their cu_seqlens (or restarting position_ids) instead"
             )
 
+    check_packed_layout(packed_layout)
     cu = _boundaries(cu_seqlens, extras, position_ids, length)
-    multiple = 2 * group.size if group.size > 1 else 1
     if cu is not None:
         if rows != 1:
             raise ValueError(f"a packed batch must be one row [1, T], got {token_key} of shape {tuple(tokens.shape)}")
-        check_cu_seqlens(cu, length, multiple_of=multiple)
+        check_packed_batch(cu, length, group.size, packed_layout)
         seq_idx = extras.get("seq_idx")
         if seq_idx is not None:
             cu64 = cu.to(torch.int64)
             doc = torch.bucketize(torch.arange(length, device=cu64.device), cu64[1:], right=True)
             if not torch.equal(seq_idx.detach().to("cpu", torch.int64).reshape(-1), doc.cpu()):
                 raise ValueError("seq_idx does not match the batch's document boundaries (cu_seqlens)")
-    context = BatchContext(cu_seqlens=cu, cp_group=group, seq_len=length)
+    context = BatchContext(cu_seqlens=cu, cp_group=group, seq_len=length, packed_layout=packed_layout)
     key = _layout_key(group, context)
 
     inputs: dict[str, Any] = {token_key: context.shard(tokens)}
@@ -437,6 +442,9 @@ class InputGuard:
     """
 
     group: CPGroup
+    packed_layout: str = "sequences"
+    """How the model's packed batches are cut over the ranks (``parallelize(..., packed_layout=)``): a batch context
+    in another layout is refused."""
     packing_checked: bool = False
     """Whether the first call outside a batch context was checked for document separators (warn once)."""
     debug: bool | None = None
@@ -457,16 +465,23 @@ class InputGuard:
         key = _layout_key(self.group, ctx)
         if ctx is not None:
             ctx.check_local_length(local_len, cp)
+            if cp > 1 and ctx.packed and ctx.packed_layout != self.packed_layout:  # the same on every rank
+                raise ValueError(
+                    f"{type(module).__name__} was parallelized with packed_layout={self.packed_layout!r}, but the "
+                    f"batch was sharded with packed_layout={ctx.packed_layout!r}: shard it as the model expects "
+                    "(mamba_cp.shard_batch / batch_context take packed_layout)"
+                )
         elif not self.packing_checked:
             self._check_packing(module, tokens)
         debug = self._debug(module)
+        layout = self.packed_layout
 
         # Positions: the library's, or checked against them.
         given, expected = None, None
         if "position_ids" in params:
             given = get("position_ids")
             if given is None or not _same_layout(_tag(given), key) or debug:
-                expected = local_positions(cp, rank, local_len, cu, tokens.device)
+                expected = local_positions(cp, rank, local_len, cu, tokens.device, layout)
             if given is None:
                 _mark(expected, key)
                 put("position_ids", expected)
@@ -475,7 +490,7 @@ class InputGuard:
             elif _same_layout(_tag(given), key) and not debug:
                 given = None  # made or checked for this layout already (shard_batch, an outer model's hook)
         if debug and expected is None:  # a model without position_ids: its tokens' positions all the same
-            expected = local_positions(cp, rank, local_len, cu, tokens.device)
+            expected = local_positions(cp, rank, local_len, cu, tokens.device, layout)
         mismatch = None if given is None else _position_mismatch(given, expected, rows)  # [4] int64, no host read
 
         # Labels: shifted in true order over the whole batch, counted over the whole batch.
@@ -509,13 +524,13 @@ class InputGuard:
             rows_of = [torch.empty_like(mine) for _ in range(cp)]
             dist.all_gather(rows_of, mine, group=self.group.group)
             if check:  # the one host read of the step
-                self._raise_on_every_rank([r[:_HEADER].tolist() for r in rows_of], local_len, cu, debug)
+                self._raise_on_every_rank([r[:_HEADER].tolist() for r in rows_of], local_len, cu, debug, layout)
             if given is not None:
                 _mark(given, key)
             if gather:
                 shards = [r[_HEADER:].view(rows, local_len) for r in rows_of]
-                whole = shift_labels(unshard(shards, seq_dim=1, cu_seqlens=cu), cu)
-                local = shard(whole, cp, rank, seq_dim=1, cu_seqlens=cu)
+                whole = shift_labels(unshard(shards, seq_dim=1, cu_seqlens=cu, packed_layout=layout), cu)
+                local = shard(whole, cp, rank, seq_dim=1, cu_seqlens=cu, packed_layout=layout)
                 put("shift_labels", local)
                 if items is None:
                     put("num_items_in_batch", count_targets(whole))
@@ -525,7 +540,7 @@ class InputGuard:
             if given is not None:
                 detail = mismatch.tolist()
                 if detail[0]:
-                    raise ValueError(_mismatch_message([0], detail, local_len, cp, cu))
+                    raise ValueError(_mismatch_message([0], detail, local_len, cp, cu, layout))
                 _mark(given, key)
             if gather:
                 local = shift_labels(labels, cu)
@@ -580,13 +595,13 @@ class InputGuard:
             )
 
     @staticmethod
-    def _raise_on_every_rank(headers: list[list[int]], local_len: int, cu, debug: bool) -> None:
+    def _raise_on_every_rank(headers: list[list[int]], local_len: int, cu, debug: bool, layout: str) -> None:
         """The decision of the per-step check, from every rank's header: the same on every rank."""
         cp = len(headers)
         bad = [r for r, h in enumerate(headers) if h[0]]
         if bad:
             first = headers[bad[0]]
-            raise ValueError(_mismatch_message(bad, [first[0], *first[5:8]], local_len, cp, cu))
+            raise ValueError(_mismatch_message(bad, [first[0], *first[5:8]], local_len, cp, cu, layout))
         if not debug:
             return
         problems = []
@@ -596,7 +611,7 @@ class InputGuard:
             problems.append(f"local (batch, length) differs across CP ranks ({listed})")
         else:
             for r, h in enumerate(headers):
-                want = int(_positions_hash(local_positions(cp, r, local_len, cu)))
+                want = int(_positions_hash(local_positions(cp, r, local_len, cu, packed_layout=layout)))
                 if h[1] != want:
                     problems.append(
                         f"CP rank {r}'s tokens are not its head-tail shard (the hash of its positions is {h[1]}, "
@@ -622,7 +637,7 @@ def _position_mismatch(given: torch.Tensor, expected: torch.Tensor, rows: int) -
     return torch.stack([flat.amax().to(torch.int64), token, given_row.reshape(-1)[index], expected[0, token]])
 
 
-def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int, cu) -> str:
+def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int, cu, layout: str) -> str:
     """The same message on every rank: which ranks, what the first of them got (``detail``), and the fix."""
     if cu is not None:
         layout = "a packed batch: positions restart at 0 in every document"
@@ -633,7 +648,7 @@ def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int
     else:
         got = (
             f"position_ids[..., {detail[1]}] = {detail[2]} where that token's position is {detail[3]} "
-            f"(its positions start {local_positions(cp, bad[0], local_len, cu)[0, :4].tolist()}...)"
+            f"(its positions start {local_positions(cp, bad[0], local_len, cu, None, layout)[0, :4].tolist()}...)"
         )
     return (
         f"position_ids on CP rank(s) {bad} of {cp} are not the true positions of their tokens ({layout}; rank "

@@ -113,6 +113,36 @@ FINGERPRINT_SIZE = 5
 """Numbers in a :func:`layout_fingerprint`."""
 
 
+PACKED_LAYOUTS = ("sequences", "stream")
+"""How a packed batch is cut over the CP ranks (``docs/design.md`` §1): ``"sequences"`` cuts every sequence into
+``2*cp`` chunks (Transformer Engine's THD layout; every length a multiple of ``2*cp``), ``"stream"`` cuts the whole
+pack into ``2*cp`` chunks as if it were one row (only ``T`` a multiple of ``2*cp``)."""
+
+
+def check_packed_layout(packed_layout: object) -> str:
+    """``packed_layout`` itself when it is one of :data:`PACKED_LAYOUTS`, else :class:`ConfigError`."""
+    if packed_layout not in PACKED_LAYOUTS:
+        raise ConfigError(f"packed_layout must be one of {list(PACKED_LAYOUTS)}, got {packed_layout!r}")
+    return packed_layout  # type: ignore[return-value]
+
+
+def check_packed_batch(cu_seqlens: torch.Tensor, total_tokens: int, cp_size: int, packed_layout: str) -> list[int]:
+    """Validate a packed batch for ``cp_size`` ranks in ``packed_layout`` and return its bounds on the host.
+
+    ``"sequences"``: every sequence length a multiple of ``2*cp``; ``"stream"``: the token count ``T`` a multiple of
+    ``2*cp`` (sequences of any length). One rank: any lengths."""
+    check_packed_layout(packed_layout)
+    per_sequence = packed_layout == "sequences" and cp_size > 1
+    bounds = check_cu_seqlens(cu_seqlens, total_tokens, multiple_of=2 * cp_size if per_sequence else 1)
+    if cp_size > 1 and not per_sequence and total_tokens % (2 * cp_size):
+        raise ConfigError(
+            f"the packed batch has {total_tokens} tokens, which is not a multiple of 2*cp_size ({2 * cp_size}); "
+            f"the stream layout cuts the whole pack into 2*cp equal chunks, so pad the pack to a multiple of "
+            f"{2 * cp_size}"
+        )
+    return bounds
+
+
 def layout_fingerprint(local_len: int, num_seqs: int, bounds: list[int] | None) -> list[int]:
     """A batch layout as every CP rank must see it, in :data:`FINGERPRINT_SIZE` ints each exact in float32: the
     local length per row (two 20-bit halves), the sequence count (``B`` for BSHD), and a 40-bit hash of the

@@ -425,7 +425,7 @@ def parallelize_attention(module: nn.Module, group: CPGroup, plans: PlanCache) -
         if isinstance(previous, AttentionContextParallel):  # parallelized again: keep the layer's choices
             state.packed_attention, state.block_size = previous.packed_attention, previous.block_size
         states.append((layer, state))
-    _install_model_hooks(module, group)
+    _install_model_hooks(module, group, plans.packed_layout)
     if not layers:
         return []
     configs = {id(layer.config): layer.config for layer, _ in states}
@@ -459,14 +459,14 @@ def prepare_attention(module: nn.Module, batch: int, local_len: int, cu_seqlens:
 # --------------------------------------------------------------------------------------------------
 
 
-def _install_model_hooks(module: nn.Module, group: CPGroup) -> None:
+def _install_model_hooks(module: nn.Module, group: CPGroup, packed_layout: str) -> None:
     for sub in module.modules():
         if not isinstance(sub, PreTrainedModel):
             continue
         old = sub.__dict__.get("_mamba_cp_pre_hook")
         if old is not None:
             old.remove()
-        hook = _ModelHook(group, inspect.signature(sub.forward))
+        hook = _ModelHook(group, inspect.signature(sub.forward), packed_layout)
         sub._mamba_cp_pre_hook = sub.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -476,10 +476,11 @@ class _ModelHook:
 
     group: CPGroup
     signature: inspect.Signature
+    packed_layout: str = "sequences"
     inputs: InputGuard = field(init=False)
 
     def __post_init__(self) -> None:
-        self.inputs = InputGuard(self.group)
+        self.inputs = InputGuard(self.group, self.packed_layout)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         names = list(self.signature.parameters)

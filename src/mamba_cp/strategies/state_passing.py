@@ -178,6 +178,10 @@ class StatePassing:
         cum_RcH = token_cumsum(seg(dA).double(), dim=1)  # log decay from the segment start through each token
         log_decay_RH = cum_RcH[:, -1]
         weight_RcH = (log_decay_RH[:, None] - cum_RcH).to(cdtype).exp() * seg(dt_p)  # exp(decay after t) * dt_t
+        st, seq_idx = plan.stream, None
+        if st is not None:  # a pack as one row: a segment's end state sees only its last document
+            weight_RcH = weight_RcH * st.last_doc[..., None].to(cdtype)
+            seq_idx = st.seq_idx
         final = segment_states(
             x.reshape(rows * c, s.num_heads, s.head_dim),
             B.reshape(rows * c, s.n_groups, s.d_state),
@@ -186,11 +190,13 @@ class StatePassing:
         )  # [2B, H, P, N]
         h_in = self.incoming_states(
             final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
-        )
+        ).reshape(final.shape)
+        if st is not None:  # a segment that starts a document takes no state (the kernel feeds its document 0)
+            h_in = h_in * st.keep_incoming.to(h_in.dtype)[:, None, None, None]
         args = (seg(x), seg(dt_p), A_H, seg(B), seg(C), params)
         if not with_states:
-            return self._kernel(*args, initial_states=h_in.reshape(final.shape)), None
-        y, end = self._kernel(*args, initial_states=h_in.reshape(final.shape), return_final_states=True)
+            return self._kernel(*args, initial_states=h_in, seq_idx=seq_idx), None
+        y, end = self._kernel(*args, initial_states=h_in, return_final_states=True)
         return y, end.view(plan.batch, 2, *end.shape[1:])[:, 1].to(cdtype)
 
     def _ssd_packed(
@@ -245,10 +251,15 @@ class StatePassing:
             seg = xBC_BLC.reshape(rows, c, width)  # a view: rows [B, 2, c] as [2B, c]
             tails = seg[:, c - halo :] if c >= halo else F.pad(seg, (0, 0, halo - c, 0))  # [2B, halo, C]
             halos = self.exchange_halos(tails.reshape(rows * halo, width), plan).view(rows, halo, width)
-            out = kernels.causal_conv1d(seg, weight_CK, bias_C, activation="silu")  # [2B, c, C]
+            st = plan.stream  # a pack as one row: the conv stops at document starts inside the segments too
+            seq_idx, window_idx = (None, None) if st is None else (st.seq_idx, st.window_seq_idx)
+            out = kernels.causal_conv1d(seg, weight_CK, bias_C, seq_idx=seq_idx, activation="silu")  # [2B, c, C]
             head = min(halo, c)
             window = torch.cat([halos, seg[:, :head]], dim=1)  # [2B, halo + head, C]
-            out[:, :head] = kernels.causal_conv1d(window, weight_CK, bias_C, activation="silu")[:, halo:]
+            if window_idx is not None:
+                window_idx = window_idx[:, : halo + head]
+            fixed = kernels.causal_conv1d(window, weight_CK, bias_C, seq_idx=window_idx, activation="silu")
+            out[:, :head] = fixed[:, halo:]
             return out.view(xBC_BLC.shape)
         pk = plan.packed
         x_TC = xBC_BLC[0]
@@ -288,7 +299,8 @@ class StatePassing:
             ``[S, 2, H, P, N]`` incoming states (zero for the first chunk of a sequence). Two all-to-alls, the
             chains dealt out over the ranks (:func:`~mamba_cp.strategies.state_chain.pass_states`).
         """
-        incoming = pass_states(final_S2HPN.flatten(3), log_decay_S2H, self.group.group, plan.cp_size)
+        barrier = None if plan.stream is None else plan.stream.barrier[None]
+        incoming = pass_states(final_S2HPN.flatten(3), log_decay_S2H, self.group.group, plan.cp_size, barrier)
         return incoming.view(final_S2HPN.shape)
 
     def _check_same_batch(self, fingerprints: torch.Tensor, plan: SegmentPlan) -> None:
@@ -331,6 +343,11 @@ class StatePassing:
         its segments; one all-gather of both hands every rank rank 0's states and the tokens of the chunks a
         sequence's last ``K`` tokens lie in (several when chunks are shorter than ``K``).
         """
+        if plan.stream is not None:  # every rank, before any collective
+            raise ConfigError(
+                "state passing's final states (prefill) need packs cut per sequence: parallelize the model with "
+                "packed_layout='sequences' for prefill (packed_layout='stream' is for training)"
+            )
         tails = self._segment_tails(xBC_BLC, params.conv_weight_CK.shape[-1], plan)  # [2S, K, C] pre-conv
         y, tail_end = self._conv_ssd(xBC_BLC, dt_BLH, params, plan, with_states=True)
         return y, self._gather_final_states(tail_end, tails, plan)

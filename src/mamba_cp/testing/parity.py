@@ -31,7 +31,10 @@ class ParityCase:
     seqlen: int = 32
     """``L`` for BSHD."""
     seqlens: list[int] = field(default_factory=lambda: [16, 8, 24])
-    """Packed sequence lengths for THD (each a multiple of ``2 * cp``)."""
+    """Packed sequence lengths for THD (each a multiple of ``2 * cp`` for ``packed_layout="sequences"``; their sum
+    for ``"stream"``)."""
+    packed_layout: str = "sequences"
+    """How THD batches are cut over the ranks (``"sequences"`` or ``"stream"``)."""
     hidden_size: int = 16
     num_heads: int = 4
     head_dim: int = 4
@@ -48,7 +51,9 @@ class ParityCase:
     """Hidden-parallel only: in_proj fused with the first all-to-all (the default) or the plain in_proj."""
 
     def describe(self) -> str:
-        shape = f"B={self.batch} L={self.seqlen}" if self.layout == "bshd" else f"seqlens={self.seqlens}"
+        shape = f"B={self.batch} L={self.seqlen}"
+        if self.layout != "bshd":
+            shape = f"seqlens={self.seqlens} {self.packed_layout}"
         return (
             f"{self.layout} {shape} H={self.num_heads} P={self.head_dim} G={self.n_groups} N={self.state_size} "
             f"K={self.conv_kernel} chunk={self.chunk_size} {self.dtype}"
@@ -85,7 +90,13 @@ def parity_worker(rank: int, world_size: int, case_dict: dict, device: str = "cp
     dtype = getattr(torch, case.dtype)
     group = dist.group.WORLD if world_size > 1 else None
     ref = build_mixer(case, dev)
-    cp_mixer = parallelize(copy.deepcopy(ref), group, strategy=case.strategy, fuse_projection=case.fuse_projection)
+    cp_mixer = parallelize(
+        copy.deepcopy(ref),
+        group,
+        strategy=case.strategy,
+        fuse_projection=case.fuse_projection,
+        packed_layout=case.packed_layout,
+    )
 
     gen = torch.Generator(device="cpu").manual_seed(case.seed + 1)
     if case.layout == "bshd":
@@ -104,9 +115,12 @@ def parity_worker(rank: int, world_size: int, case_dict: dict, device: str = "cp
     out_ref = ref(x_ref, cu_seqlens=cu_dev)
     (out_ref * weight).sum().backward()
 
-    x_local = shard(x, world_size, rank, seq_dim, cu).detach().requires_grad_(True)
+    def mine(t: torch.Tensor) -> torch.Tensor:  # this rank's shard
+        return shard(t, world_size, rank, seq_dim, cu, packed_layout=case.packed_layout)
+
+    x_local = mine(x).detach().requires_grad_(True)
     out_local = cp_mixer(x_local, cu_seqlens=cu_dev)
-    (out_local * shard(weight, world_size, rank, seq_dim, cu)).sum().backward()
+    (out_local * mine(weight)).sum().backward()
     all_reduce_gradients(cp_mixer, group)
 
     def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -114,8 +128,8 @@ def parity_worker(rank: int, world_size: int, case_dict: dict, device: str = "cp
         return float((a - b).abs().max()), float(b.abs().max())
 
     result = {
-        "output": diff(out_local, shard(out_ref.detach(), world_size, rank, seq_dim, cu)),
-        "input.grad": diff(x_local.grad, shard(x_ref.grad, world_size, rank, seq_dim, cu)),
+        "output": diff(out_local, mine(out_ref.detach())),
+        "input.grad": diff(x_local.grad, mine(x_ref.grad)),
     }
     ref_params = dict(ref.named_parameters())
     for name, p in cp_mixer.named_parameters():
