@@ -32,8 +32,8 @@ def bad_groups_above_cp():
     mamba_cp.parallelize(mixer(heads=6, groups=3), dist.group.WORLD)
 
 
-def run_layer(x, cu=None, heads=4, groups=2, strategy="hidden"):
-    m = mamba_cp.parallelize(mixer(heads, groups), dist.group.WORLD, strategy=strategy)
+def run_layer(x, cu=None, heads=4, groups=2, strategy="hidden", packed_layout="sequences"):
+    m = mamba_cp.parallelize(mixer(heads, groups), dist.group.WORLD, strategy=strategy, packed_layout=packed_layout)
     m(x, cu_seqlens=cu)
 
 
@@ -55,6 +55,11 @@ CONFIG_CASES = {
         lambda: mamba_cp.parallelize(mixer(), dist.group.WORLD, strategy="ring"),
         r"unknown CP strategy 'ring'",
     ),
+    "unknown packed layout": (
+        2,
+        lambda: mamba_cp.parallelize(mixer(), dist.group.WORLD, packed_layout="documents"),
+        r"packed_layout must be one of \['sequences', 'stream'\], got 'documents'",
+    ),
 }
 """Errors of parallelize itself: ``name -> (cp, call, pattern)``."""
 
@@ -68,6 +73,10 @@ LAYER_CASES = {
         },
     ),
     "thd sequence % 2cp": ((f64(7, 8), torch.tensor([0, 8, 14])), r"sequence 1 has length 6, which is not a multiple"),
+    "stream T % 2cp": (
+        (f64(7, 8), torch.tensor([0, 5, 14]), "stream"),
+        r"the packed batch has 14 tokens, which is not a multiple of 2\*cp_size \(4\)",
+    ),
     "cu_seqlens start": ((f64(8, 8), torch.tensor([4, 8, 16])), r"cu_seqlens must start at 0, got cu_seqlens\[0\]=4"),
     "cu_seqlens increasing": (
         (f64(8, 8), torch.tensor([0, 8, 8, 16])),
@@ -99,8 +108,8 @@ STRATEGIES = ["hidden", "state_passing"]
 def _call(name: str, strategy: str | None):
     if strategy is None:
         return CONFIG_CASES[name][1]()
-    (x, cu), _ = LAYER_CASES[name]
-    return run_layer(x, cu, strategy=strategy)
+    (x, cu, *layout), _ = LAYER_CASES[name]
+    return run_layer(x, cu, strategy=strategy, packed_layout=layout[0] if layout else "sequences")
 
 
 def _error_worker(rank, world, name, strategy):

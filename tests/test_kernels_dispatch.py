@@ -154,6 +154,38 @@ def test_mamba_ssd_adapter_matches_reference(packed):
 
 
 @needs_cuda
+def test_mamba_ssd_rows_with_documents_and_initial_states():
+    """State passing's stream segments: rows ``[2, c]`` whose documents start anywhere (ids from 0 per row), with
+    an initial state per row that belongs to the row's first document only; values and every gradient, the
+    initial states' included, against the float64 reference."""
+    if cuda.mamba_ssd() is None:
+        pytest.skip("mamba_ssm's Triton SSD is not importable")
+    torch.manual_seed(1)
+    b, length, h, p, g, n, chunk = 2, 700, 4, 64, 2, 64, 64
+    dev = "cuda"
+    x = torch.randn(b, length, h, p, device=dev, requires_grad=True)
+    dt = (torch.rand(b, length, h, device=dev) * 0.1).requires_grad_()
+    B = torch.randn(b, length, g, n, device=dev, requires_grad=True)
+    C = torch.randn(b, length, g, n, device=dev, requires_grad=True)
+    h0 = torch.randn(b, h, p, n, device=dev, requires_grad=True)
+    A = -torch.rand(h, device=dev) - 0.5
+    seq = _seq_idx(b, length, [], dev)
+    seq[0, 90:] += 1  # row 0: the first document ends inside the first SSD chunk
+    seq[0, 400:] += 1
+    seq[1, 64:] += 1  # row 1: a document starts on a chunk boundary
+    kw = dict(D=torch.rand(h, device=dev), seq_idx=seq)
+    out = kernels.ssd_chunk_scan(x, dt, A, B, C, chunk, initial_states=h0, **kw)
+    leaves = (x, dt, B, C, h0)
+    ref = ssd_chunk_scan_ref(*(t.double() for t in (x, dt, A, B, C)), chunk, initial_states=h0.double(), **kw)
+    gy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, gy)
+    ref_grads = torch.autograd.grad(ref, leaves, gy.double())
+    assert _rel(out, ref) < 3e-3  # Triton's float32 dots run as tf32
+    for name, got, want in zip(["x", "dt", "B", "C", "initial_states"], grads, ref_grads, strict=True):
+        assert _rel(got, want) < 3e-3, name
+
+
+@needs_cuda
 def test_mamba_rmsnorm_adapter_matches_reference():
     if cuda.mamba_rmsnorm() is None:
         pytest.skip("mamba_ssm's gated RMSNorm is not importable")

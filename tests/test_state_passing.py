@@ -504,11 +504,17 @@ class _ByteRecorder(OpRecorder):
 
 def _hot_path_worker(rank: int, world: int) -> dict:
     out = {}
-    for layout in ("bshd", "thd"):
+    for layout in ("bshd", "thd", "stream"):
         torch.manual_seed(0)
-        model = mamba_cp.parallelize(Stack(torch.float64), dist.group.WORLD, strategy="state_passing")
+        packed_layout = "stream" if layout == "stream" else "sequences"
+        model = mamba_cp.parallelize(
+            Stack(torch.float64), dist.group.WORLD, strategy="state_passing", packed_layout=packed_layout
+        )
         if layout == "thd":
             cu = torch.tensor([0, 4, 12, 24], dtype=torch.int32)
+            x = torch.randn(24 // world, 8, dtype=torch.float64, requires_grad=True)
+        elif layout == "stream":  # documents of any length, cut as one stream
+            cu = torch.tensor([0, 3, 12, 21, 24], dtype=torch.int32)
             x = torch.randn(24 // world, 8, dtype=torch.float64, requires_grad=True)
         else:
             cu, x = None, torch.randn(2, 16 // world, 8, dtype=torch.float64, requires_grad=True)
@@ -536,7 +542,7 @@ def _hot_path() -> list[dict]:
     return run_on_ranks(_hot_path_worker, 2)
 
 
-@pytest.mark.parametrize("layout", ["bshd", "thd"])
+@pytest.mark.parametrize("layout", ["bshd", "thd", "stream"])
 def test_collectives_and_no_host_sync(layout: str) -> None:
     """After the plan is cached, a step issues per layer one small all-gather (conv halos) and two small
     all-to-alls (segment states out and back) forward, a reduce-scatter and two all-to-alls backward, and no
@@ -554,8 +560,9 @@ def test_measured_bytes_match_traffic_model() -> None:
     """The byte model is what the collectives actually carry (float64 tiny mixers, cp=2)."""
     dims = SSMShape(num_heads=3, head_dim=2, n_groups=1, d_state=4)
     for rank_stats in _hot_path():
-        for layout, num_seqs in (("bshd", 2), ("thd", 3)):
-            model = state_passing_bytes(dims, 0, 2, 8, conv_kernel=4, num_seqs=num_seqs, state_bytes=8)
+        for layout, num_seqs in (("bshd", 2), ("thd", 3), ("stream", 4)):
+            stream = layout == "stream"  # one row of segments whatever the documents, a barrier flag per link
+            model = state_passing_bytes(dims, 0, 2, 8, conv_kernel=4, num_seqs=num_seqs, state_bytes=8, stream=stream)
             assert rank_stats[layout]["forward_bytes"] == LAYERS * model["send_buffers"], layout
             # cp = 2: the halos all leave, half of each all-to-all buffer stays
             assert model["off_rank"] < model["send_buffers"]

@@ -18,6 +18,8 @@ import mamba_cp
 from mamba_cp.context import local_positions
 from mamba_cp.layout import build_token_plan
 from mamba_cp.segments import StreamIndex, build_segment_plan
+from mamba_cp.ssm_block import SSMShape
+from mamba_cp.strategies import Workload, choose_strategy, estimate_ms
 from mamba_cp.strategies.state_chain import chain_scan
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
@@ -238,3 +240,22 @@ def test_state_passing_final_states_refuse_the_stream() -> None:
     """Prefill's per-document final states are not built for the stream layout: a clear error on every rank."""
     with pytest.raises(ValueError, match="packed_layout='sequences' for prefill"):
         run_on_ranks(_prefill_refused_worker, 2)
+
+
+# ------------------------------------------------------------------------------------------------ auto
+
+
+def test_auto_costs_a_stream_pack_like_a_bshd_row() -> None:
+    """The cost model charges a pack cut as one stream what it charges a BSHD row (no per-document term; the
+    barrier flags are 2*n more floats), so at cp 8 over 150 GB/s a 64-document pack goes to state passing in the
+    stream layout and to hidden-parallel when cut per document."""
+    shape = SSMShape(num_heads=128, head_dim=64, n_groups=8, d_state=128)
+
+    def workload(docs: int, layout: str) -> Workload:
+        return Workload(tokens=131072, documents=docs, bandwidth_gbps=150.0, packed_layout=layout)
+
+    row = estimate_ms("state_passing", shape, 8, workload(1, "sequences"), 150.0)
+    pack = estimate_ms("state_passing", shape, 8, workload(64, "stream"), 150.0)
+    assert row <= pack < row * 1.001
+    assert choose_strategy(shape, 8, workload(64, "stream"), 150.0).strategy == "state_passing"
+    assert choose_strategy(shape, 8, workload(64, "sequences"), 150.0).strategy == "hidden"

@@ -35,6 +35,12 @@ TOL = 1e-12
 README = Path(__file__).resolve().parents[1] / "README.md"
 MODELS = ("mamba2", "nemotron_h", "bamba")
 LAYOUTS = ("bshd", "thd-cu", "thd-pos")
+STREAM = "thd-stream"
+"""A pack of documents whose lengths are not multiples of ``2*cp``, cut as one stream (``packed_layout``)."""
+
+
+def packed_layout(layout: str) -> str:
+    return "stream" if layout == STREAM else "sequences"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,10 +60,10 @@ def global_batch(layout: str, cp: int, seed: int = 7) -> tuple[dict, torch.Tenso
         labels = ids.clone()
         labels[0, :3] = -100  # a masked prompt: fewer targets on some ranks
         return {"input_ids": ids, "labels": labels}, None
-    lengths = [4 * cp, 2 * cp, 6 * cp, 2 * cp]
+    lengths = [4 * cp - 1, 2 * cp + 3, 6 * cp - 3, 2 * cp + 1] if layout == STREAM else [4 * cp, 2 * cp, 6 * cp, 2 * cp]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=gen)
-    if layout == "thd-cu":
+    if layout in ("thd-cu", STREAM):
         return {"input_ids": ids, "labels": ids.clone()}, cu
     labels = ids.clone()
     labels[0, cu[:-1].long()] = -100
@@ -95,11 +101,12 @@ def cp_step(model, way: str, batch: dict, cu: torch.Tensor | None, layout: str, 
     """
     size = mamba_cp.resolve_cp_group(group).size
     if way == "helper":
-        with mamba_cp.shard_batch(batch, group, None if layout == "thd-pos" else cu) as b:
+        cu_arg = None if layout == "thd-pos" else cu
+        with mamba_cp.shard_batch(batch, group, cu_arg, packed_layout=packed_layout(layout)) as b:
             loss = model(**b.inputs).loss
             loss.backward()
         return b.global_loss(loss)
-    with mamba_cp.batch_context(cu_seqlens=cu, cp_group=group) as b:
+    with mamba_cp.batch_context(cu_seqlens=cu, cp_group=group, packed_layout=packed_layout(layout)) as b:
         ids, labels = b.shard(batch["input_ids"]), b.shard(batch["labels"])
         if way == "labels":
             kwargs = {}
@@ -140,7 +147,7 @@ def parity(name: str, layout: str, ways: tuple[str, ...], group) -> dict[str, di
     batch, cu = global_batch(layout, cp)
     model = build(name)
     ref = mamba_cp.parallelize(copy.deepcopy(model), 1)
-    mamba_cp.parallelize(model, group)
+    mamba_cp.parallelize(model, group, packed_layout=packed_layout(layout))
     ref_loss = plain_loss(ref, batch, cu)
     ref_loss.backward()
     ref_loss = ref_loss.detach()
@@ -182,9 +189,10 @@ def fsdp(name: str, layout: str, way: str, mesh, shard_mesh, divide: bool = True
 PARITY = {
     2: [(m, layout, ("helper", "labels")) for m in MODELS for layout in LAYOUTS]
     + [("zamba2", "thd-pos", ("helper", "labels"))]  # the fourth model of the issue's trial
-    + [("nemotron_h", "bshd", ("per-shard",)), ("bamba", "thd-pos", ("per-shard",))],
+    + [("nemotron_h", "bshd", ("per-shard",)), ("bamba", "thd-pos", ("per-shard",))]
+    + [("nemotron_h", STREAM, ("helper", "labels")), ("bamba", STREAM, ("helper",))],
     4: [(m, layout, ("helper",)) for m in ("nemotron_h", "bamba") for layout in LAYOUTS]
-    + [("bamba", "thd-pos", ("labels",))],
+    + [("bamba", "thd-pos", ("labels",)), ("nemotron_h", STREAM, ("helper",)), ("bamba", STREAM, ("labels",))],
 }
 FSDP = {
     2: [("mamba2", "thd-cu", "helper", True), ("nemotron_h", "thd-pos", "labels", True)],
@@ -279,6 +287,14 @@ def mistakes(rank: int, world: int) -> dict[str, dict]:
     # Debug mode: a correct step passes; ranks that disagree on who holds which chunk are caught.
     debug = mamba_cp.parallelize(build("nemotron_h"), group, debug=True)
     out["debug, correct"] = attempt(lambda: debug(**mamba_cp.shard_batch(batch, group).inputs))
+    # A pack sharded as one stream for a model parallelized per sequence (the default): refused, not mixed up.
+    stream_pack, stream_cu = global_batch(STREAM, world)
+
+    def layout_mismatch():
+        with mamba_cp.shard_batch(stream_pack, group, stream_cu, packed_layout="stream") as b:
+            nemotron(**b.inputs)
+
+    out["layout mismatch"] = attempt(layout_mismatch)
     wrong = mamba_cp.parallelize(build("nemotron_h"), CPGroup(group=group, size=world, rank=0), debug=True)
     out["debug, every rank says rank 0"] = attempt(lambda: wrong(input_ids=mamba_cp.shard(ids, world, 0)))
     return out
@@ -393,6 +409,14 @@ def test_packed_looking_batch_outside_a_context_warns_once(results):
         caught = per_rank["packed without context"]["warnings"]
         assert len(caught) == 1, caught
         assert "mamba_cp.shard_batch" in caught[0] and "document separator" in caught[0]
+
+
+def test_a_batch_in_another_packed_layout_is_refused(results):
+    message = _same_error_everywhere(results, "layout mismatch")
+    assert "parallelized with packed_layout='sequences', but the batch was sharded with packed_layout='stream'" in (
+        message
+    )
+    assert all(r["layout mismatch"]["collectives"] == {} for r in results[2])  # before any collective
 
 
 def test_debug_mode_checks_each_rank_holds_its_head_tail_shard(results):

@@ -67,7 +67,7 @@ def parallelize(
     group = resolve_cp_group(cp_group)
     plans = PlanCache(packed_layout=packed_layout)
     options = StrategyOptions(fuse_projection=fuse_projection, debug=debug_from_env() if debug is None else debug)
-    workload = workload or Workload()
+    workload = dataclasses.replace(workload or Workload(), packed_layout=packed_layout)  # the model's layout
     bandwidth = workload.bandwidth_gbps
     if strategy == "auto" and group.size > 1 and bandwidth is None:
         bandwidth = measure_bandwidth_gbps(group.group)  # once per call, the same value on every rank

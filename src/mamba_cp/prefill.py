@@ -321,6 +321,12 @@ def prefill(
     group = resolve_cp_group(cp_group)
     _check_model(model, group)
     ids, cu, lengths = _check_prompt(input_ids, cu_seqlens, group)
+    layouts = {mixer.strategy.plans.packed_layout for _, mixer in find_mixers(model)}
+    if cu is not None and group.size > 1 and layouts != {"sequences"}:  # every rank alike, before any collective
+        raise ValueError(
+            f"prefill of a packed prompt needs the model parallelized with packed_layout='sequences' (each prompt "
+            f"cut in 2*cp chunks), got {sorted(layouts)}; packed_layout='stream' is for training"
+        )
     template = _new_cache(model.config)
     if cache is not None:
         _check_cache(cache, template, model)

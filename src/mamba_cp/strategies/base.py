@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..groups import CPGroup
+from ..plan_cache import PlanCache
 from ..ssm_block import SSMShape
 
 PlanT = TypeVar("PlanT")
@@ -90,6 +91,8 @@ class Strategy(Protocol[PlanT]):
     """Registry name (``"local"``, ``"hidden"``, ``"state_passing"``)."""
     group: CPGroup
     """The CP group (size 1 for the local strategy)."""
+    plans: PlanCache
+    """The per-batch plan cache the model's layers share (its ``packed_layout`` is the model's)."""
 
     def plan_for(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor | None) -> PlanT: ...
 

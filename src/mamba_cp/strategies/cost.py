@@ -6,10 +6,12 @@ Per mixer and per step (forward + backward), for a workload of ``L`` tokens per 
 * compute: ``t_c = TOKEN_HEAD_MS * L * H / cp + FIXED_MS`` for either strategy (both run ``L * H / cp``
   token-heads per rank); hidden-parallel pays ``HIDDEN_FEW_HEADS`` more per head below ``FEW_HEADS`` heads
   per rank (few heads underuse the GPU);
-* state passing on packed rows adds ``PACKED_MS * S**0.85 * cp**-0.15 * (H*P*N / 2**20)``: every document has
-  a segment on every rank, whose state is summarised, exchanged, scanned and broadcast back over its tokens
-  (the per-document part the fused kernels cannot remove; it shrinks a little with cp as the chains are dealt
-  out over more ranks);
+* state passing on packed rows cut per document (``packed_layout="sequences"``) adds
+  ``PACKED_MS * S**0.85 * cp**-0.15 * (H*P*N / 2**20)``: every document has a segment on every rank, whose state
+  is summarised, exchanged, scanned and broadcast back over its tokens (the per-document part the fused kernels
+  cannot remove; it shrinks a little with cp as the chains are dealt out over more ranks). A pack cut as one
+  stream (``"stream"``) costs what a BSHD row does: measured within 3% of BSHD at 128K for 64 and 512
+  documents, cp 2 to 8 (``h200_stream*``);
 * communication: the bytes of :mod:`mamba_cp.traffic` (what ``mamba-cp plan`` prints) forward and backward,
   over ``bw``. Hidden-parallel hides up to ``HIDEABLE * t_c`` of it behind the projection of ``z``; state
   passing's exchanges are exposed.
@@ -59,6 +61,8 @@ class Workload:
     """Per-GPU bandwidth of the CP group in GB/s; None: measured once with a small timed all-to-all."""
     dtype_bytes: int = 2
     """Bytes per activation (2 for bf16)."""
+    packed_layout: str = "sequences"
+    """How packs are cut over the ranks (``parallelize`` sets the model's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +100,10 @@ def estimate_ms(strategy: str, shape: SSMShape, cp: int, workload: Workload, ban
         compute *= 1 + HIDDEN_FEW_HEADS * max(0.0, (FEW_HEADS - heads_local) / FEW_HEADS)
         comm = 2 * hidden_parallel_bytes(shape, tokens, cp, workload.dtype_bytes)["off_rank"] * per_gb
         return compute + max(0.0, comm - HIDEABLE * compute)
-    if docs > 1:
+    stream = docs > 1 and workload.packed_layout == "stream"
+    if docs > 1 and not stream:
         compute += PACKED_MS * docs**0.85 * cp**-0.15 * (shape.d_inner * shape.d_state) / 2**20
-    sent = state_passing_bytes(shape, tokens, cp, workload.dtype_bytes, num_seqs=docs)["off_rank"]
+    sent = state_passing_bytes(shape, tokens, cp, workload.dtype_bytes, num_seqs=docs, stream=stream)["off_rank"]
     return compute + 2 * sent * per_gb
 
 
