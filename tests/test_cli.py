@@ -18,6 +18,12 @@ def test_verify_thd_cp4(capsys):
     assert "PASS" in capsys.readouterr().out
 
 
+def test_verify_a_stream_pack(capsys):
+    argv = ["verify", "--cp", "2", "--layout", "thd", "--packed-layout", "stream", "--seqlens", "3,17,1,11"]
+    assert cli.main([*argv, "--strategy", "state_passing"]) == 0
+    assert "stream" in capsys.readouterr().out
+
+
 def test_verify_reports_bad_configuration(capsys):
     assert cli.main(["verify", "--cp", "2", "--heads", "3", "--groups", "1"]) == 2
     assert "num_heads (3) must be divisible by cp_size (2)" in capsys.readouterr().err

@@ -16,11 +16,15 @@ import mamba_cp
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.parity import ParityCase, build_mixer
 
-CONFIGS = [(s, p) for s in ("hidden", "state_passing") for p in (False, True)]
+CONFIGS = [(s, p) for s in ("hidden", "state_passing") for p in (False, True, "stream")]
+"""(strategy, packed): BSHD, a pack cut per sequence, or a pack cut as one stream."""
 
 
-def _mixer_batch(world: int, rank: int, packed: bool, seed: int = 1):
+def _mixer_batch(world: int, rank: int, packed: bool | str, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
+    if packed == "stream":  # documents of any length
+        cu = torch.tensor({1: [0, 3, 21, 32], 2: [0, 7, 20, 32], 3: [0, 1, 2, 32]}[seed])
+        return mamba_cp.shard(torch.randn(32, 16, generator=gen), world, rank, 0, cu, packed_layout="stream"), cu
     if packed:
         cu = torch.tensor({1: [0, 8, 24, 32], 2: [0, 16, 20, 32], 3: [0, 4, 12, 32]}[seed])
         return mamba_cp.shard(torch.randn(32, 16, generator=gen), world, rank, 0, cu), cu
@@ -40,7 +44,10 @@ def _mixer_worker(rank: int, world: int, backend: str, configs: list) -> list:
     results = []
     for strategy, packed in configs:
         model = mamba_cp.parallelize(
-            build_mixer(ParityCase(dtype="float32"), torch.device("cpu")), dist.group.WORLD, strategy=strategy
+            build_mixer(ParityCase(dtype="float32"), torch.device("cpu")),
+            dist.group.WORLD,
+            strategy=strategy,
+            packed_layout="stream" if packed == "stream" else "sequences",
         )
         x, cu = _mixer_batch(world, rank, packed)
         mamba_cp.prepare_batch(model, 1, x.shape[-2], cu)
@@ -65,7 +72,7 @@ def test_parallelized_mixer_compiles_fullgraph_and_equals_eager(backend: str) ->
     configs = CONFIGS if backend == "aot_eager" else [("hidden", False)]  # inductor: one (compiling costs ~30 s)
     for rank_results in run_on_ranks(_mixer_worker, 2, backend, configs, timeout=600):
         for (strategy, packed), r in zip(configs, rank_results, strict=True):
-            what = f"{strategy} {'packed' if packed else 'bshd'}"
+            what = f"{strategy} {packed if packed == 'stream' else 'packed' if packed else 'bshd'}"
             assert r["breaks"] == 0, what
             assert r["error"] < (1e-6 if backend == "aot_eager" else 1e-4), (what, r["error"])
             # Later batches (other documents: index lists of other lengths, marked dynamic) reuse the graph.

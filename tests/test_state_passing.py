@@ -112,12 +112,19 @@ def draw_sp_case(rng: random.Random) -> tuple[int, ParityCase]:
         use_bias=rng.random() < 0.3,
         seed=rng.randrange(1000),
     )
-    if rng.random() < 0.5:
+    draw = rng.random()
+    if draw < 0.4:
         return cp, sp(layout="bshd", batch=rng.choice([1, 2]), seqlen=2 * cp * rng.randint(1, 5), **common)
-    return cp, sp(layout="thd", seqlens=[2 * cp * rng.randint(1, 4) for _ in range(rng.randint(1, 4))], **common)
+    if draw < 0.7:
+        return cp, sp(layout="thd", seqlens=[2 * cp * rng.randint(1, 4) for _ in range(rng.randint(1, 4))], **common)
+    # a pack cut as one stream: documents of any length, cut points anywhere
+    total = 2 * cp * rng.randint(1, 5)
+    cuts = sorted(rng.sample(range(1, total), min(total - 1, rng.randint(0, 6))))
+    seqlens = [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+    return cp, sp(layout="thd", packed_layout="stream", seqlens=seqlens, **common)
 
 
-RANDOM_SEEDS = range(12)
+RANDOM_SEEDS = range(16)
 
 
 @functools.cache

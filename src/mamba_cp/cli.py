@@ -123,6 +123,9 @@ def verify(argv: Sequence[str] | None = None) -> int:
         "--cp", type=positive_int, default=2, help="CP size >= 1 (ignored under torchrun: the world size is used)"
     )
     p.add_argument("--layout", choices=["bshd", "thd"], default="bshd")
+    p.add_argument(
+        "--packed-layout", choices=["sequences", "stream"], default="sequences", help="how a THD pack is cut"
+    )
     p.add_argument("--strategy", default="hidden")
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seqlen", type=positive_int, default=64, help="BSHD sequence length (a multiple of 2*cp)")
@@ -143,6 +146,7 @@ def verify(argv: Sequence[str] | None = None) -> int:
         batch=args.batch,
         seqlen=args.seqlen,
         seqlens=args.seqlens,
+        packed_layout=args.packed_layout,
         hidden_size=args.hidden,
         num_heads=args.heads,
         head_dim=args.head_dim,
