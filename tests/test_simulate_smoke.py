@@ -88,6 +88,24 @@ def test_hybrid_rows_on_cpu(sim, tmp_path):
     assert est25["comm_ms"] > est150["comm_ms"] > 0 and est150["compute_ms"] == full["ms"]
 
 
+def test_stream_rows_on_cpu(sim, tmp_path):
+    """The ``stream`` layout: the pack cut as one stream, mixer and hybrid, both strategies; the plan bytes of state
+    passing are a row's (one chain) whatever the documents."""
+    argv = [*COMMON, "--what", "mixer,hybrid", "--cps", "2", "--layouts", "stream", "--lengths", "64", "--docs", "5",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert sim.main(argv) == 0
+    report = json.loads((tmp_path / "simulate_rank.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert {r["status"] for r in rows.values()} == {"ok"}, {k: r.get("error") for k, r in rows.items()}
+    assert set(rows) == {f"{w}/stream/L64/cp2/{s}" for w in ("mixer", "hybrid") for s in ("hidden", "state_passing")}
+    dims = report["settings"]["mixer_config"]
+    shape = SSMShape(dims["num_heads"], dims["head_dim"], dims["n_groups"], dims["state_size"])
+    sp = rows["mixer/stream/L64/cp2/state_passing"]
+    assert sp["sequences"] > 1
+    want = STRATEGY_BYTES["state_passing"](shape, 64, 2, 4, conv_kernel=dims["conv_kernel"], stream=True)
+    assert sp["plan_bytes"] == 2 * want["off_rank"]
+
+
 def test_cli_runs_the_simulator(tmp_path, capsys):
     from mamba_cp.cli import main
 

@@ -38,7 +38,11 @@ from mamba_cp.strategies.state_chain import chain_scan, link_positions, pass_sta
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
 from mamba_cp.testing.dispatch import OpRecorder
-from mamba_cp.testing.parity import ParityCase, build_mixer, case_dict, parity_worker, worst_relative
+from mamba_cp.testing.parity import (
+    ParityCase,
+    build_mixer,
+    run_parity_cases,
+)
 from mamba_cp.traffic import hidden_parallel_bytes, state_passing_bytes
 
 RTOL = 1e-10  # float64 rounding is ~1e-15; any real mistake shows up at >= 1e-3
@@ -77,16 +81,11 @@ PARITY = [
 ]
 
 
-def _parity_many(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    return [parity_worker(rank, world, c) for c in cases]
-
-
 @functools.cache
 def _results(cp: int) -> dict[str, dict[str, float]]:
     """Every parity case of this ``cp``, in one launch: ``{case id: {tensor: worst relative error}}``."""
     chosen = [(name, case) for c, name, case in PARITY if c == cp]
-    per_rank = run_on_ranks(_parity_many, cp, [case_dict(case) for _, case in chosen], timeout=180)
-    return {name: worst_relative([r[i] for r in per_rank]) for i, (name, _) in enumerate(chosen)}
+    return dict(zip([name for name, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
 
 
 @pytest.mark.parametrize(("cp", "name"), [pytest.param(cp, name, id=f"cp{cp}-{name}") for cp, name, _ in PARITY])
@@ -133,8 +132,7 @@ def _random_results(cp: int) -> dict[int, dict[str, float]]:
     chosen = [(seed, case) for seed, c, case in drawn if c == cp]
     if not chosen:
         return {}
-    per_rank = run_on_ranks(_parity_many, cp, [case_dict(case) for _, case in chosen], timeout=180)
-    return {seed: worst_relative([r[i] for r in per_rank]) for i, (seed, _) in enumerate(chosen)}
+    return dict(zip([seed for seed, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
 
 
 @pytest.mark.parametrize("seed", RANDOM_SEEDS)

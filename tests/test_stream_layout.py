@@ -23,7 +23,7 @@ from mamba_cp.strategies import Workload, choose_strategy, estimate_ms
 from mamba_cp.strategies.state_chain import chain_scan
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
-from mamba_cp.testing.parity import ParityCase, case_dict, parity_worker, worst_relative
+from mamba_cp.testing.parity import ParityCase, case_dict, parity_worker, run_parity_cases, worst_relative
 
 RTOL = 1e-10  # float64 rounding is ~1e-15; any real mistake shows up at >= 1e-3
 
@@ -55,15 +55,10 @@ PARITY = [
 ]
 
 
-def _parity_many(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    return [parity_worker(rank, world, c) for c in cases]
-
-
 @functools.cache
 def _results(cp: int) -> dict[str, dict[str, float]]:
     chosen = [(name, case) for c, name, case in PARITY if c == cp]
-    per_rank = run_on_ranks(_parity_many, cp, [case_dict(case) for _, case in chosen], timeout=180)
-    return {name: worst_relative([r[i] for r in per_rank]) for i, (name, _) in enumerate(chosen)}
+    return dict(zip([name for name, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
 
 
 @pytest.mark.parametrize(("cp", "name"), [pytest.param(cp, name, id=f"cp{cp}-{name}") for cp, name, _ in PARITY])

@@ -151,3 +151,16 @@ def worst_relative(results: list[dict[str, tuple[float, float]]]) -> dict[str, f
 def case_dict(case: ParityCase) -> dict:
     """A picklable dict of the case, for sending to worker processes."""
     return asdict(case)
+
+
+def parity_cases_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict[str, tuple[float, float]]]:
+    """:func:`parity_worker` for each of several cases, in one launch."""
+    return [parity_worker(rank, world_size, case) for case in cases]
+
+
+def run_parity_cases(world_size: int, cases: list[ParityCase], timeout: float = 180.0) -> list[dict[str, float]]:
+    """Every case on ``world_size`` forked gloo ranks in one launch; per case, :func:`worst_relative` errors."""
+    from .multiprocess import run_on_ranks
+
+    per_rank = run_on_ranks(parity_cases_worker, world_size, [case_dict(c) for c in cases], timeout=timeout)
+    return [worst_relative([r[i] for r in per_rank]) for i in range(len(cases))]
