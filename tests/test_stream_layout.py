@@ -158,7 +158,7 @@ def test_stream_index_matches_the_pack(seqlens: list[int], cp: int, halo: int) -
             assert bool(st.barrier[half]) == any(p in starts for p in pos)
             assert bool(st.keep_incoming[half]) == (pos[0] not in starts)
             window = [max(p, 0) for p in range(pos[0] - halo, pos[0] + halo)]
-            assert st.window_seq_idx[half].tolist() == [doc_of[p] - first for p in window]
+            assert st.window_seq_idx[half].tolist() == [doc_of[p] - doc_of[window[0]] for p in window]
 
 
 @pytest.mark.parametrize("links", [2, 8, 32])

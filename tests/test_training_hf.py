@@ -295,6 +295,16 @@ def mistakes(rank: int, world: int) -> dict[str, dict]:
             nemotron(**b.inputs)
 
     out["layout mismatch"] = attempt(layout_mismatch)
+
+    # Local 0..T_local-1 positions for a pack cut as one stream (Bamba has RoPE): refused, with the true ones named.
+    bamba_stream = mamba_cp.parallelize(build("bamba"), group, packed_layout="stream")
+
+    def stream_local_positions():
+        with mamba_cp.batch_context(cu_seqlens=stream_cu, cp_group=group, packed_layout="stream") as b:
+            ids_local = b.shard(stream_pack["input_ids"])
+            bamba_stream(input_ids=ids_local, position_ids=torch.arange(ids_local.shape[1])[None])
+
+    out["stream pack, local positions"] = attempt(stream_local_positions)
     wrong = mamba_cp.parallelize(build("nemotron_h"), CPGroup(group=group, size=world, rank=0), debug=True)
     out["debug, every rank says rank 0"] = attempt(lambda: wrong(input_ids=mamba_cp.shard(ids, world, 0)))
     return out
@@ -367,7 +377,7 @@ def _same_error_everywhere(results, case: str) -> str:
 @pytest.mark.parametrize(
     "case",
     ["local positions", "local positions, no context", "only rank 1 wrong", "contiguous split with positions",
-     "pack by positions, no context"],
+     "pack by positions, no context", "stream pack, local positions"],
 )  # fmt: skip
 def test_wrong_position_ids_raise_on_every_rank_after_one_tiny_all_gather(results, case):
     message = _same_error_everywhere(results, case)

@@ -84,7 +84,7 @@ class StreamIndex:
     """``[2, c]`` bool: the token belongs to the segment's last document, the only one its end state sees."""
     window_seq_idx: torch.Tensor
     """``[2, 2*halo]`` int32 document ids of the conv windows ``[halo before the segment | its first halo
-    tokens]`` (the halo slots before the pack's start read zeros)."""
+    tokens]``, counted from the window's first token (the halo slots before the pack's start read zeros)."""
     barrier: torch.Tensor
     """``[2]`` bool: the segment holds a document start (its first token included), so no state passes through it
     (it rides with the summaries)."""
@@ -219,7 +219,8 @@ def _stream_index(bounds: list[int], cp_size: int, cp_rank: int, seg_len: int, h
     doc = torch.bucketize(pos, cu[1:], right=True)  # [2, c] global document of each token
     local = doc - doc[:, :1]
     window = (start - halo + torch.arange(2 * halo)).clamp(min=0)  # [2, 2 halo]; slots before 0 hold zeros
-    window_doc = torch.bucketize(window, cu[1:], right=True) - doc[:, :1]
+    window_doc = torch.bucketize(window, cu[1:], right=True)
+    window_doc = window_doc - window_doc[:, :1]  # ids from 0 (only equality matters to the conv)
     starts_doc = torch.isin(pos, cu[:-1])  # [2, c] tokens that start a document
     return StreamIndex(
         seq_idx=local.to(device, torch.int32),

@@ -637,7 +637,7 @@ def _position_mismatch(given: torch.Tensor, expected: torch.Tensor, rows: int) -
     return torch.stack([flat.amax().to(torch.int64), token, given_row.reshape(-1)[index], expected[0, token]])
 
 
-def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int, cu, layout: str) -> str:
+def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int, cu, packed_layout: str) -> str:
     """The same message on every rank: which ranks, what the first of them got (``detail``), and the fix."""
     if cu is not None:
         layout = "a packed batch: positions restart at 0 in every document"
@@ -646,9 +646,10 @@ def _mismatch_message(bad: list[int], detail: list[int], local_len: int, cp: int
     if detail[0] == 2:
         got = f"position_ids of {detail[2]} dims ending in {detail[1]} for {detail[3]} row(s) of {local_len} tokens"
     else:
+        first = local_positions(cp, bad[0], local_len, cu, None, packed_layout)[0, :4].tolist()
         got = (
             f"position_ids[..., {detail[1]}] = {detail[2]} where that token's position is {detail[3]} "
-            f"(its positions start {local_positions(cp, bad[0], local_len, cu, None, layout)[0, :4].tolist()}...)"
+            f"(its positions start {first}...)"
         )
     return (
         f"position_ids on CP rank(s) {bad} of {cp} are not the true positions of their tokens ({layout}; rank "
