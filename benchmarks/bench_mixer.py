@@ -296,6 +296,7 @@ class Case:
 
     def __init__(self, args, mixer: Mamba2Mixer, layout: str, length: int, rank: int, world: int, device) -> None:
         self.layout, self.length, self.rank, self.world, self.device = layout, length, rank, world, device
+        self.packed_layout = "stream" if layout == "stream" else "sequences"  # "stream": the pack as one row
         d = mixer.hidden_size
         gen = torch.Generator(device="cpu").manual_seed(args.seed + length)
         if layout == "bshd":
@@ -313,8 +314,9 @@ class Case:
         # The global batch stays on the host (moved over only for the cp=1 run), so a CP run's peak memory
         # holds this rank's shard alone.
         self.grad = torch.randn(self.x.shape, generator=gen).to(self.x.dtype)
-        self.x_local = shard(self.x, world, rank, self.seq_dim, self.cu).to(device)
-        self.grad_local = shard(self.grad, world, rank, self.seq_dim, self.cu).to(device)
+        cut = dict(packed_layout=self.packed_layout)
+        self.x_local = shard(self.x, world, rank, self.seq_dim, self.cu, **cut).to(device)
+        self.grad_local = shard(self.grad, world, rank, self.seq_dim, self.cu, **cut).to(device)
         self.seq_idx = None
         if self.cu is not None:
             pos = torch.arange(length, device=device)
@@ -693,7 +695,13 @@ def main(argv: list[str] | None = None) -> int:
                     at = variants.index(("hidden", True)) + 1
                     variants[at:at] = [("hidden", False)]
                 for name, fused in variants:
-                    m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name, fuse_projection=fused)
+                    m = parallelize(
+                        copy.deepcopy(base),
+                        dist.group.WORLD,
+                        strategy=name,
+                        fuse_projection=fused,
+                        packed_layout=case.packed_layout,
+                    )
                     transport = None
                     if name == "hidden":
                         parts = transport_parts("ours", m.strategy, m, case)
@@ -709,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                     record(label, world, timing, _max_over_ranks(offrank, device), transport, calls)
                     del m, step
                     _free(device)
-                if nemo_cls is not None:
+                if nemo_cls is not None and case.packed_layout == "sequences":  # NeMo's module: per-sequence packs
                     m = copy.deepcopy(base)
                     ncp = nemo_cls(dist.group.WORLD, m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size, m)
                     parts = transport_parts("nemo", ncp, m, case)

@@ -303,6 +303,9 @@ def build_rows(
             yield "cp1", 1, bm.mixer_step(ref, case.x.to(device), case.grad.to(device), case.cu_dev), []
             del ref
         elif name == "nemo":
+            if case.packed_layout == "stream":
+                log("[profile] skipping nemo: its module takes packs cut per sequence", flush=True)
+                continue
             if world == 1 or nemo_cls is None:
                 log(f"[profile] skipping nemo: {'cp=1' if world == 1 else 'NeMo module not found'}", flush=True)
                 continue
@@ -315,7 +318,7 @@ def build_rows(
             if world == 1:
                 log(f"[profile] skipping ours:{name}: cp=1", flush=True)
                 continue
-            m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name)
+            m = parallelize(copy.deepcopy(base), dist.group.WORLD, strategy=name, packed_layout=case.packed_layout)
             yield f"ours:{name}", world, bm.mixer_step(m, case.x_local, case.grad_local, case.cu_dev), []
             del m
         bm._free(device)

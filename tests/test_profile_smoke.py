@@ -139,13 +139,16 @@ def test_categories(name, category):
 
 def test_fake_group_profile_is_one_rank_of_a_larger_group(tmp_path):
     """``--fake-cp 4`` in one process: rank 0 of a fake group of four profiles every strategy row (its own shard,
-    its collectives counted), and the group is gone afterwards."""
+    its collectives counted), for BSHD, a pack cut per sequence and one cut as a stream; the group is gone
+    afterwards."""
     argv = ["--device", "cpu", "--fake-cp", "4", "--lengths", "64", "--warmup", "1", "--iters", "1"]
+    argv += ["--layouts", "bshd,thd,stream"]
     argv += ["--profile-steps", "1", "--rows", "hidden,state_passing", "--out", str(tmp_path), "--tag", "fake"]
     assert profile_mixer.main(argv) == 0
     assert not dist.is_initialized()
     report = json.loads((tmp_path / "profile_mixer_fake.json").read_text())
     assert report["world"] == 4 and report["fake_group"] and report["command"].startswith("python ")
     rows = [r for section in report["sections"] for r in section["rows"]]
-    assert sorted({r["impl"] for r in rows}) == ["ours:hidden", "ours:state_passing"] and len(rows) == 4
+    assert sorted({r["impl"] for r in rows}) == ["ours:hidden", "ours:state_passing"] and len(rows) == 6
+    assert [section["layout"] for section in report["sections"]] == ["bshd", "thd", "stream"]
     assert all(r["cp"] == 4 and r["step_ms"] > 0 and r["collectives"] for r in rows), rows
