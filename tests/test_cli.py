@@ -11,6 +11,7 @@ def test_demo_passes_and_prints_every_gradient(capsys):
     for name in ("output", "input.grad", "in_proj.weight.grad", "conv1d.bias.grad", "A_log.grad", "out_proj"):
         assert name in out
     assert "all exact to rounding level" in out
+    assert "cut as one stream" in out and out.count("PASS (tolerance") == 3
 
 
 def test_verify_thd_cp4(capsys):

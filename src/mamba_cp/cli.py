@@ -68,7 +68,8 @@ def _run_case_launched(case, device: str) -> dict[str, float]:
 
 
 def demo(argv: Sequence[str] | None = None) -> int:
-    """cp=2 on CPU, BSHD and packed THD, float64: prints the differences and returns 0 if exact."""
+    """cp=2 on CPU, BSHD and packed THD (per sequence, and as one stream), float64: prints the differences and
+    returns 0 if exact."""
     from .testing.parity import ParityCase
 
     argparse.ArgumentParser(prog="mamba-cp demo", description=demo.__doc__).parse_args(argv)
@@ -76,9 +77,13 @@ def demo(argv: Sequence[str] | None = None) -> int:
     cases = [
         ("BSHD batch [B=2, L=64] sharded head-tail over cp=2", ParityCase(layout="bshd", batch=2, seqlen=64)),
         ("packed THD batch, seqlens [28, 4, 44, 12], cp=2", ParityCase(layout="thd", seqlens=[28, 4, 44, 12])),
+        (
+            "packed THD cut as one stream, seqlens [27, 5, 43, 13], state passing, cp=2",
+            ParityCase(layout="thd", seqlens=[27, 5, 43, 13], packed_layout="stream", strategy="state_passing"),
+        ),
     ]
     print("mamba-cp demo: a Mamba2 mixer (hidden 16, 4 heads x 4, 2 groups, state 8, conv 4, chunk 8), float64,")
-    print("hidden-parallel CP over 2 gloo processes vs the same mixer without CP.")
+    print("CP over 2 gloo processes (hidden-parallel unless said) vs the same mixer without CP.")
     print("Compared: output, input gradient and every parameter gradient (CP gradients summed over ranks).")
     ok = True
     for title, case in cases:
