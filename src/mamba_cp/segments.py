@@ -263,28 +263,23 @@ def build_segment_plan(
     if halo < 0 or block_size < 1:
         raise ConfigError(f"halo ({halo}) must be >= 0 and block_size ({block_size}) >= 1")
     global_len = local_len * cp_size
-    packed = stream = None
-    if cu_seqlens is not None and packed_layout == "stream":
+    packed = stream = bounds = None
+    if cu_seqlens is not None:
         if batch != 1:
             raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
         bounds = check_packed_batch(cu_seqlens, global_len, cp_size, packed_layout)
-        num_seqs, seg_len = 1, local_len // 2
-        seg_len_S = torch.full((1,), seg_len, dtype=torch.int64)
-        work = build_segment_work(*row_segments(2, seg_len), 2 * seg_len, device)
-        stream = _stream_index(bounds, cp_size, cp_rank, seg_len, halo, device)
-    elif cu_seqlens is None:
+    if bounds is None or packed_layout == "stream":  # rows of two equal segments: BSHD rows, or the pack as one
         if local_len < 2 or local_len % 2 != 0:
             raise ConfigError(
                 f"global sequence length L (local length x cp_size = {local_len} x {cp_size}) must be a "
                 f"positive multiple of 2*cp_size ({2 * cp_size}): each rank holds two equal chunks"
             )
-        num_seqs, seg_len, bounds = batch, local_len // 2, None
-        seg_len_S = torch.full((batch,), seg_len, dtype=torch.int64)
-        work = build_segment_work(*row_segments(2 * batch, seg_len), 2 * batch * seg_len, device)
+        num_seqs, seg_len = batch, local_len // 2
+        seg_len_S = torch.full((num_seqs,), seg_len, dtype=torch.int64)
+        work = build_segment_work(*row_segments(2 * num_seqs, seg_len), 2 * num_seqs * seg_len, device)
+        if bounds is not None:
+            stream = _stream_index(bounds, cp_size, cp_rank, seg_len, halo, device)
     else:
-        if batch != 1:
-            raise ConfigError(f"a packed batch (cu_seqlens given) must have batch size 1, got {batch}")
-        bounds = check_packed_batch(cu_seqlens, global_len, cp_size, packed_layout)
         seq_lens = torch.tensor(bounds, dtype=torch.int64).diff()
         num_seqs, seg_len = seq_lens.numel(), None
         seg_len_S = seq_lens // (2 * cp_size)
