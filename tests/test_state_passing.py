@@ -41,7 +41,7 @@ from mamba_cp.testing.dispatch import OpRecorder
 from mamba_cp.testing.parity import (
     ParityCase,
     build_mixer,
-    run_parity_cases,
+    run_named_parity_cases,
 )
 from mamba_cp.traffic import hidden_parallel_bytes, state_passing_bytes
 
@@ -84,8 +84,7 @@ PARITY = [
 @functools.cache
 def _results(cp: int) -> dict[str, dict[str, float]]:
     """Every parity case of this ``cp``, in one launch: ``{case id: {tensor: worst relative error}}``."""
-    chosen = [(name, case) for c, name, case in PARITY if c == cp]
-    return dict(zip([name for name, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
+    return run_named_parity_cases(cp, [(name, case) for c, name, case in PARITY if c == cp])
 
 
 @pytest.mark.parametrize(("cp", "name"), [pytest.param(cp, name, id=f"cp{cp}-{name}") for cp, name, _ in PARITY])
@@ -132,7 +131,7 @@ def _random_results(cp: int) -> dict[int, dict[str, float]]:
     chosen = [(seed, case) for seed, c, case in drawn if c == cp]
     if not chosen:
         return {}
-    return dict(zip([seed for seed, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
+    return run_named_parity_cases(cp, chosen)
 
 
 @pytest.mark.parametrize("seed", RANDOM_SEEDS)

@@ -23,7 +23,7 @@ from mamba_cp.strategies import Workload, choose_strategy, estimate_ms
 from mamba_cp.strategies.state_chain import chain_scan
 from mamba_cp.strategies.state_passing import StatePassing
 from mamba_cp.testing import run_on_ranks
-from mamba_cp.testing.parity import ParityCase, case_dict, parity_worker, run_parity_cases, worst_relative
+from mamba_cp.testing.parity import ParityCase, case_dict, parity_worker, run_named_parity_cases, worst_relative
 
 RTOL = 1e-10  # float64 rounding is ~1e-15; any real mistake shows up at >= 1e-3
 
@@ -57,8 +57,7 @@ PARITY = [
 
 @functools.cache
 def _results(cp: int) -> dict[str, dict[str, float]]:
-    chosen = [(name, case) for c, name, case in PARITY if c == cp]
-    return dict(zip([name for name, _ in chosen], run_parity_cases(cp, [case for _, case in chosen]), strict=True))
+    return run_named_parity_cases(cp, [(name, case) for c, name, case in PARITY if c == cp])
 
 
 @pytest.mark.parametrize(("cp", "name"), [pytest.param(cp, name, id=f"cp{cp}-{name}") for cp, name, _ in PARITY])
@@ -216,10 +215,11 @@ def test_layout_errors() -> None:
     # per-sequence cuts still need every length to divide; the stream needs only the total
     with pytest.raises(ValueError, match="sequence 0 has length 3"):
         mamba_cp.shard(torch.zeros(20, 2), 2, 0, 0, torch.tensor([0, 3, 20]))
-    assert mamba_cp.shard(torch.zeros(20, 2), 2, 0, 0, torch.tensor([0, 3, 20]), packed_layout="stream").shape == (
-        10,
-        2,
-    )
+    mine = mamba_cp.shard(torch.zeros(20, 2), 2, 0, 0, torch.tensor([0, 3, 20]), packed_layout="stream")
+    assert mine.shape == (10, 2)
+    # state passing's two segments need an even local length even on one rank (no token may be dropped)
+    with pytest.raises(ValueError, match=r"local length x cp_size = 7 x 1\) must be a positive multiple"):
+        build_segment_plan(1, 0, 1, 7, torch.tensor([0, 3, 7]), halo=3, block_size=4, packed_layout="stream")
 
 
 def _prefill_refused_worker(rank: int, world: int) -> None:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .groups import CPGroup, resolve_cp_group
-from .layout import head_tail_positions
-from .sharding import global_positions, shard
+from .layout import head_tail_positions, packed_positions
+from .sharding import shard
 from .validation import check_packed_batch, check_packed_layout
 
 _CURRENT: contextvars.ContextVar[BatchContext | None] = contextvars.ContextVar("mamba_cp_batch", default=None)
@@ -131,7 +131,7 @@ def local_positions(
         return head_tail_positions(total, cp_size)[cp_rank].to(device)[None]
     bounds = check_packed_batch(cu_seqlens, total, cp_size, packed_layout)
     cu = torch.tensor(bounds, dtype=torch.int64)
-    positions = global_positions(total, cp_size, cu, packed_layout)[cp_rank]
+    positions = torch.arange(total) if cp_size == 1 else packed_positions(cu, cp_size, total, packed_layout)[cp_rank]
     starts = cu[torch.bucketize(positions, cu[1:], right=True)]
     return (positions - starts).to(device)[None]
 

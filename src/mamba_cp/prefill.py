@@ -319,14 +319,15 @@ def prefill(
     any collective. Runs under ``torch.no_grad()``; activations per rank are ``1/cp`` of the plain forward's.
     """
     group = resolve_cp_group(cp_group)
-    _check_model(model, group)
-    ids, cu, lengths = _check_prompt(input_ids, cu_seqlens, group)
-    layouts = {mixer.strategy.plans.packed_layout for _, mixer in find_mixers(model)}
-    if cu is not None and group.size > 1 and layouts != {"sequences"}:  # every rank alike, before any collective
+    mixers = _check_model(model, group)
+    layouts = {mixer.strategy.plans.packed_layout for _, mixer in mixers}
+    # Checked before the prompt, whose checks are the per-sequence layout's; local, so every rank decides alike.
+    if cu_seqlens is not None and group.size > 1 and layouts != {"sequences"}:
         raise ValueError(
             f"prefill of a packed prompt needs the model parallelized with packed_layout='sequences' (each prompt "
             f"cut in 2*cp chunks), got {sorted(layouts)}; packed_layout='stream' is for training"
         )
+    ids, cu, lengths = _check_prompt(input_ids, cu_seqlens, group)
     template = _new_cache(model.config)
     if cache is not None:
         _check_cache(cache, template, model)

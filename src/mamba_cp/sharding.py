@@ -20,7 +20,7 @@ from .layout import head_tail_positions, invert_permutation, packed_positions
 from .validation import check_packed_batch
 
 
-def global_positions(
+def _positions(
     length: int, cp_size: int, cu_seqlens: torch.Tensor | None, packed_layout: str = "sequences"
 ) -> torch.Tensor:
     """``[cp, length / cp]`` global positions of every rank's tokens (validated; one rank holds all)."""
@@ -51,7 +51,7 @@ def shard(
     """
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank ({cp_rank}) must be in [0, cp_size={cp_size})")
-    positions = global_positions(x.shape[seq_dim], cp_size, cu_seqlens, packed_layout)[cp_rank]
+    positions = _positions(x.shape[seq_dim], cp_size, cu_seqlens, packed_layout)[cp_rank]
     return x.index_select(seq_dim, positions.to(x.device))
 
 
@@ -65,7 +65,7 @@ def unshard(
     """Inverse of :func:`shard`: every rank's shard, in rank order, back to the global tensor."""
     cp_size = len(shards)
     stacked = torch.cat(list(shards), dim=seq_dim)
-    positions = global_positions(stacked.shape[seq_dim], cp_size, cu_seqlens, packed_layout).reshape(-1)
+    positions = _positions(stacked.shape[seq_dim], cp_size, cu_seqlens, packed_layout).reshape(-1)
     return stacked.index_select(seq_dim, invert_permutation(positions).to(stacked.device))
 
 

@@ -180,7 +180,7 @@ class StatePassing:
         weight_RcH = (log_decay_RH[:, None] - cum_RcH).to(cdtype).exp() * seg(dt_p)  # exp(decay after t) * dt_t
         st, seq_idx = plan.stream, None
         if st is not None:  # a pack as one row: a segment's end state sees only its last document
-            weight_RcH = weight_RcH * st.last_doc[..., None].to(cdtype)
+            weight_RcH = torch.where(st.last_doc[..., None], weight_RcH, 0.0)
             seq_idx = st.seq_idx
         final = segment_states(
             x.reshape(rows * c, s.num_heads, s.head_dim),
@@ -192,7 +192,7 @@ class StatePassing:
             final.view(plan.batch, 2, *final.shape[1:]), log_decay_RH.to(cdtype).view(plan.batch, 2, -1), plan
         ).reshape(final.shape)
         if st is not None:  # a segment that starts a document takes no state (the kernel feeds its document 0)
-            h_in = h_in * st.keep_incoming.to(h_in.dtype)[:, None, None, None]
+            h_in = torch.where(st.keep_incoming[:, None, None, None], h_in, 0.0)
         args = (seg(x), seg(dt_p), A_H, seg(B), seg(C), params)
         if not with_states:
             return self._kernel(*args, initial_states=h_in, seq_idx=seq_idx), None

@@ -164,3 +164,8 @@ def run_parity_cases(world_size: int, cases: list[ParityCase], timeout: float = 
 
     per_rank = run_on_ranks(parity_cases_worker, world_size, [case_dict(c) for c in cases], timeout=timeout)
     return [worst_relative([r[i] for r in per_rank]) for i in range(len(cases))]
+
+
+def run_named_parity_cases(world_size: int, named: list[tuple[object, ParityCase]]) -> dict[object, dict[str, float]]:
+    """:func:`run_parity_cases` for ``(key, case)`` pairs: ``{key: {tensor: worst relative error}}``."""
+    return dict(zip([key for key, _ in named], run_parity_cases(world_size, [case for _, case in named]), strict=True))
