@@ -154,9 +154,11 @@ def test_mamba_ssd_adapter_matches_reference(packed):
 
 
 @needs_cuda
-def test_mamba_ssd_rows_with_documents_and_initial_states():
+@pytest.mark.parametrize("initial", [True, False], ids=["from_initial_states", "from_zero"])
+def test_mamba_ssd_rows_with_documents_and_final_states(initial):
     """State passing's stream segments: rows ``[2, c]`` whose documents start anywhere (ids from 0 per row), with
-    an initial state per row that belongs to the row's first document only; values and every gradient, the
+    (or without) an initial state per row that belongs to the row's first document only, and each row's final
+    state (its last document's, the segment summary); values and every gradient, the final states' and the
     initial states' included, against the float64 reference."""
     if cuda.mamba_ssd() is None:
         pytest.skip("mamba_ssm's Triton SSD is not importable")
@@ -167,22 +169,75 @@ def test_mamba_ssd_rows_with_documents_and_initial_states():
     dt = (torch.rand(b, length, h, device=dev) * 0.1).requires_grad_()
     B = torch.randn(b, length, g, n, device=dev, requires_grad=True)
     C = torch.randn(b, length, g, n, device=dev, requires_grad=True)
-    h0 = torch.randn(b, h, p, n, device=dev, requires_grad=True)
+    h0 = torch.randn(b, h, p, n, device=dev, requires_grad=True) if initial else None
     A = -torch.rand(h, device=dev) - 0.5
     seq = _seq_idx(b, length, [], dev)
     seq[0, 90:] += 1  # row 0: the first document ends inside the first SSD chunk
     seq[0, 400:] += 1
     seq[1, 64:] += 1  # row 1: a document starts on a chunk boundary
-    kw = dict(D=torch.rand(h, device=dev), seq_idx=seq)
-    out = kernels.ssd_chunk_scan(x, dt, A, B, C, chunk, initial_states=h0, **kw)
-    leaves = (x, dt, B, C, h0)
-    ref = ssd_chunk_scan_ref(*(t.double() for t in (x, dt, A, B, C)), chunk, initial_states=h0.double(), **kw)
-    gy = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, gy)
-    ref_grads = torch.autograd.grad(ref, leaves, gy.double())
+    kw = dict(D=torch.rand(h, device=dev), seq_idx=seq, return_final_states=True)
+    out, final = kernels.ssd_chunk_scan(x, dt, A, B, C, chunk, initial_states=h0, **kw)
+    leaves = (x, dt, B, C) + ((h0,) if initial else ())
+    h0_ref = h0.double() if initial else None
+    ref, ref_final = ssd_chunk_scan_ref(*(t.double() for t in (x, dt, A, B, C)), chunk, initial_states=h0_ref, **kw)
+    gy, gf = torch.randn_like(out), torch.randn_like(final)
+    grads = torch.autograd.grad((out, final), leaves, (gy, gf))
+    ref_grads = torch.autograd.grad((ref, ref_final), leaves, (gy.double(), gf.double()))
     assert _rel(out, ref) < 3e-3  # Triton's float32 dots run as tf32
-    for name, got, want in zip(["x", "dt", "B", "C", "initial_states"], grads, ref_grads, strict=True):
+    assert _rel(final, ref_final) < 3e-3
+    for name, got, want in zip(["x", "dt", "B", "C", "initial_states"], grads, ref_grads, strict=False):
         assert _rel(got, want) < 3e-3, name
+
+
+@needs_cuda
+@pytest.mark.parametrize("gate", [False, True], ids=["no_z", "z"])
+def test_lean_ssd_matches_the_package_and_saves_less(gate):
+    """``ssd_autograd.ChunkScan`` against mamba_ssm's own ``mamba_chunk_scan_combined``: the same output, final
+    states and gradients (the same kernels), while without ``z`` it saves the output's bytes fewer."""
+    from mamba_cp.kernels import ssd_autograd
+
+    fns = ssd_autograd.load()
+    if fns is None or cuda.mamba_ssd() is None:
+        pytest.skip("mamba_ssm's Triton SSD is not importable")
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    torch.manual_seed(2)
+    b, length, h, p, g, n, chunk, dev = 2, 500, 4, 64, 2, 64, 64, "cuda"
+    bf = torch.bfloat16
+    x = torch.randn(b, length, h, p, device=dev, dtype=bf, requires_grad=True)
+    dt = torch.randn(b, length, h, device=dev, requires_grad=True)
+    B = torch.randn(b, length, g, n, device=dev, dtype=bf, requires_grad=True)
+    C = torch.randn(b, length, g, n, device=dev, dtype=bf, requires_grad=True)
+    z = torch.randn(b, length, h, p, device=dev, dtype=bf, requires_grad=True) if gate else None
+    h0 = torch.randn(b, h, p, n, device=dev, requires_grad=True)
+    A = (-torch.rand(h, device=dev) - 0.5).requires_grad_()
+    D, dt_bias = torch.rand(h, device=dev, requires_grad=True), (torch.rand(h, device=dev) - 2).requires_grad_()
+    seq = _seq_idx(b, length, [77, 300], dev)
+    leaves = [t for t in (x, dt, A, B, C, D, z, dt_bias, h0) if t is not None]
+    gy = torch.randn(b, length, h, p, device=dev, dtype=bf)
+    gf = torch.randn(b, h, p, n, device=dev)
+
+    def run(fn):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, final = fn(
+                x, dt, A, B, C, chunk, D=D, z=z, dt_bias=dt_bias, initial_states=h0, seq_idx=seq,
+                dt_softplus=True, return_final_states=True,
+            )  # fmt: skip
+        return y, final, torch.autograd.grad((y, final), leaves, (gy, gf)), sum(saved)
+
+    y, final, grads, lean_bytes = run(functools.partial(ssd_autograd.chunk_scan, fns))
+    y_pkg, final_pkg, grads_pkg, pkg_bytes = run(mamba_chunk_scan_combined)
+    assert _rel(y, y_pkg) < 1e-6 and _rel(final, final_pkg) < 1e-6
+    for i, (got, want) in enumerate(zip(grads, grads_pkg, strict=True)):
+        assert _rel(got, want) < 1e-5, i  # the same kernels; float atomics may add in another order
+    out_bytes = y.numel() * y.element_size()
+    assert pkg_bytes - lean_bytes >= (0 if gate else out_bytes), (pkg_bytes, lean_bytes)
 
 
 @needs_cuda

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import ssd_autograd
 from .index_width import GRID_YZ_LIMIT, INT32_LIMIT, UINT32_LIMIT, fit, rmsnorm_gated_split, span
 
 __all__ = [
@@ -59,7 +60,13 @@ def int32_safe(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @functools.cache
 def mamba_ssd() -> Callable | None:
-    """mamba_ssm's Triton ``mamba_chunk_scan_combined``, or None."""
+    """mamba_ssm's Triton SSD with ``mamba_chunk_scan_combined``'s signature, or None.
+
+    Its forward and backward functions under :class:`~mamba_cp.kernels.ssd_autograd.ChunkScan`, which does not
+    save the output it does not read (:mod:`~mamba_cp.kernels.ssd_autograd`); the package's public function where
+    those do not import."""
+    if (fns := ssd_autograd.load()) is not None:
+        return functools.partial(ssd_autograd.chunk_scan, fns)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:  # noqa: BLE001 - any failure to import means "not available"
