@@ -7,6 +7,10 @@ A case that fails records its error and the next case runs.
 * ``ssd_1m_64h``, ``ssd_2m_32h``: ``kernels.ssd_chunk_scan`` bf16 forward + backward at 1M tokens x 64 heads
   and 2M x 32 heads (P 64, N 128, G 8, chunk 128), against the same call split by B/C group by hand (every
   output and gradient) and, on 2 heads x the first 64K tokens, against the fp32 reference (the output).
+* ``ssd_rows_docs_states_2x512k_64h``: state passing's stream rows, ``[2, 512K, 64, 64]`` (each row 2**31
+  elements) with documents starting inside the rows (``seq_idx`` from 0 per row), an initial state per row and the
+  final states returned with a cotangent; every output, final state and gradient (the initial states' included)
+  against the per-group calls.
 * ``ssd_time_128k_128h``: 128K x 128 heads, where nothing is cut: median fwd+bwd of ``kernels.ssd_chunk_scan``
   (through the splitter) and of the bare mamba_ssm call (CUDA events, warm-ups first), plus a forced 2-piece cut.
 * ``conv_<impl>_<shape>``: the causal conv past 2**31 elements (``[1, 1M, 5120]``, ``[1, 512K, 10240]`` with
@@ -126,42 +130,68 @@ def _seq_idx(length: int, cuts, device: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ SSD
 
 
-def _ssd_inputs(env: Env, length: int, heads: int, groups: int, headdim: int = 64, dstate: int = 128):
+def _ssd_inputs(env: Env, length: int, heads: int, groups: int, headdim: int = 64, dstate: int = 128, batch: int = 1):
     dev, bf = env.device, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*shape, scale=1.0, dtype=bf):
         return _leaf((torch.randn(*shape, generator=g, device=dev) * scale).to(dtype))
 
-    x, dt = rnd(1, length, heads, headdim), rnd(1, length, heads, scale=0.5)
+    x, dt = rnd(batch, length, heads, headdim), rnd(batch, length, heads, scale=0.5)
     A = _leaf(-torch.rand(heads, generator=g, device=dev) - 0.5)
-    B, C = rnd(1, length, groups, dstate, scale=0.3), rnd(1, length, groups, dstate, scale=0.3)
+    B, C = rnd(batch, length, groups, dstate, scale=0.3), rnd(batch, length, groups, dstate, scale=0.3)
     D, dt_bias = (
         _leaf(torch.rand(heads, generator=g, device=dev)),
         _leaf(torch.rand(heads, generator=g, device=dev) - 2),
     )
-    gy = (torch.randn(1, length, heads, headdim, generator=g, device=dev)).to(bf)
+    gy = (torch.randn(batch, length, heads, headdim, generator=g, device=dev)).to(bf)
     return [x, dt, A, B, C, D, dt_bias], gy
 
 
-def case_ssd(env: Env, length: int, heads: int, groups: int = 8, chunk: int = 128) -> dict:
+def case_ssd(
+    env: Env,
+    length: int,
+    heads: int,
+    groups: int = 8,
+    chunk: int = 128,
+    batch: int = 1,
+    cuts: tuple[tuple[int, ...], ...] = (),
+    states: bool = False,
+) -> dict:
+    """The SSD past its width through the splitter against one uncut call per B/C group. ``cuts``: per batch row,
+    the positions where a document starts (``seq_idx`` from 0 in every row, as state passing's stream segments);
+    ``states``: an initial state per row (it feeds the row's first document) and the final states returned, with
+    a cotangent (state passing's summaries), their gradients checked too."""
     from mamba_cp.kernels import index_width
     from mamba_cp.kernels.ssd_reference import ssd_chunk_scan_ref
 
-    leaves, gy = _ssd_inputs(env, length, heads, groups)
+    leaves, gy = _ssd_inputs(env, length, heads, groups, batch=batch)
     x, dt, A, B, C, D, dt_bias = leaves
+    dev = env.device
+    seq = None
+    if cuts:
+        seq = torch.cat([_seq_idx(length, row, dev) for row in cuts])
+    h0 = gf = None
+    if states:
+        g = torch.Generator(device=dev).manual_seed(1)
+        h0 = _leaf(torch.randn(batch, heads, 64, 128, generator=g, device=dev) * 0.1)
+        gf = torch.randn(batch, heads, 64, 128, generator=g, device=dev)
+        leaves = leaves + [h0]
+    kw = dict(dt_softplus=True, seq_idx=seq, return_final_states=states)
     split = index_width.plan_ssd_split(x, dt, B, C, chunk, limit=env.ssd_limit)
-    rec = {"shape": [1, length, heads, 64], "groups": groups, "dtype": "bf16", "calls": split.calls}
+    rec = {"shape": [batch, length, heads, 64], "groups": groups, "dtype": "bf16", "calls": split.calls}
     rec |= {"batch_blocks": len(split.batch), "head_blocks": len(split.heads), "pieces": len(split.pieces)}
+    rec |= {"documents_per_row": [len(r) + 1 for r in cuts] or None, "states": states}
     stop = _timer(env.device)
-    y = env.ssd(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
-    grads = torch.autograd.grad(y, leaves, gy)
+    out = env.ssd(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, initial_states=h0, **kw)
+    y, final = out if states else (out, None)
+    grads = torch.autograd.grad((y, final) if states else y, leaves, (gy, gf) if states else gy)
     rec["first_fwd_bwd_ms"] = stop()  # includes Triton's compilation and autotuning on a cold process
     rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if env.device.startswith("cuda") else None
     y = y.detach()
 
     # Oracle: one uncut call per B/C group, on contiguous copies of its heads.
-    names = ["y", "x", "dt", "A", "B", "C", "D", "dt_bias"]
+    names = ["y", "x", "dt", "A", "B", "C", "D", "dt_bias"] + (["final", "initial_states"] if states else [])
     errs = {n: Err() for n in names}
     per = heads // groups
     small = {n: torch.zeros_like(leaves[i]) for i, n in ((2, "A"), (5, "D"), (6, "dt_bias"))}
@@ -169,8 +199,12 @@ def case_ssd(env: Env, length: int, heads: int, groups: int = 8, chunk: int = 12
         hs, gs = slice(gi * per, (gi + 1) * per), slice(gi, gi + 1)
         part = [_leaf(t[:, :, hs].contiguous()) for t in (x, dt)] + [_leaf(A[hs])]
         part += [_leaf(t[:, :, gs].contiguous()) for t in (B, C)] + [_leaf(D[hs]), _leaf(dt_bias[hs])]
-        yo = env.ssd_raw(*part[:5], chunk, D=part[5], dt_bias=part[6], dt_softplus=True)
-        go = torch.autograd.grad(yo, part, gy[:, :, hs].contiguous())
+        h0_part = _leaf(h0[:, hs].contiguous()) if states else None
+        outs = env.ssd_raw(*part[:5], chunk, D=part[5], dt_bias=part[6], initial_states=h0_part, **kw)
+        yo, fo = outs if states else (outs, None)
+        wrt = part + ([h0_part] if states else [])
+        cot = (gy[:, :, hs].contiguous(), gf[:, hs].contiguous()) if states else gy[:, :, hs].contiguous()
+        go = torch.autograd.grad((yo, fo) if states else yo, wrt, cot)
         errs["y"].add(y[:, :, hs], yo.detach())
         for i, n in ((0, "x"), (1, "dt")):
             errs[n].add(grads[i][:, :, hs], go[i])
@@ -178,10 +212,15 @@ def case_ssd(env: Env, length: int, heads: int, groups: int = 8, chunk: int = 12
             errs[n].add(grads[i][:, :, gs], go[i])
         for i, n in ((2, "A"), (5, "D"), (6, "dt_bias")):
             small[n][hs] = go[i]
-        del part, yo, go
+        if states:
+            errs["final"].add(final[:, hs].detach(), fo.detach())
+            errs["initial_states"].add(grads[7][:, hs], go[7])
+        del part, yo, go, outs
     for i, n in ((2, "A"), (5, "D"), (6, "dt_bias")):
         errs[n].add(grads[i], small[n])
     rec |= _errors(errs, tol=1e-2)
+    if states or cuts:  # the slice reference below runs without documents or states
+        return rec
 
     # fp32 reference on 2 heads of group 0 and the first 64K tokens (causal: they depend on nothing later).
     T, hr = min(65536 if not env.quick else 4096, length), min(2, per)
@@ -385,6 +424,20 @@ def cases(env: Env) -> list[tuple[str, Callable[[], dict]]]:
         ("ssd_1m_64h", functools.partial(case_ssd, env, 32768 if q else 1 << 20, 16 if q else 64)),
         ("ssd_2m_32h", functools.partial(case_ssd, env, 65536 if q else 1 << 21, 8 if q else 32)),
         ("ssd_time_128k_128h", functools.partial(case_ssd_time, env, 16384 if q else 1 << 17, 32 if q else 128)),
+        # State passing's stream rows: [2, c] segments with documents starting inside, an initial state per row
+        # and the final states (the summaries), each row past the width (2**31 elements at 512K x 64 x 64).
+        (
+            "ssd_rows_docs_states_2x512k_64h",
+            functools.partial(
+                case_ssd,
+                env,
+                16384 if q else 1 << 19,
+                16 if q else 64,
+                batch=2,
+                states=True,
+                cuts=((1000, 9000), (5000,)) if q else ((1000, 300000), (131072,)),
+            ),
+        ),
     ]
     conv_shapes = [((65536, 512), ()), ((32768, 1024), (1000, 4096, 4099))] if q else []
     conv_shapes = conv_shapes or [((1 << 20, 5120), ()), ((1 << 19, 10240), (1000, 131072, 131075, 300000))]

@@ -68,9 +68,13 @@ def _hot_path_worker(rank, world, path, plant=None):
     model = parallelize_path(Stack(), path)
     if plant is not None:
         _plant_sync(*plant)
-    in_proj_calls = []
+    in_proj_calls, apart_calls = [], []
     for layer in model.layers:  # count in_proj's module calls without registering a hook (a hook unfuses)
         layer.in_proj.forward = lambda t, f=layer.in_proj.forward: in_proj_calls.append(1) or f(t)
+    from mamba_cp.strategies import base
+
+    real_apart = base.project_apart  # this forked process only
+    base.project_apart = lambda *a: apart_calls.append(1) or real_apart(*a)
     out = {}
     for layout in ("bshd", "thd"):
         cu, x = _batch(layout, world)
@@ -79,6 +83,7 @@ def _hot_path_worker(rank, world, path, plant=None):
         model(x, cu).sum().backward()
         warm = dict(plans.builds)
         in_proj_calls.clear()
+        apart_calls.clear()
         # cu_seqlens is the collator's CPU tensor in real runs too: reading it waits for no device
         with OpRecorder(host_tensors=[cu]) as forward:
             y = model(x, cu)
@@ -92,6 +97,7 @@ def _hot_path_worker(rank, world, path, plant=None):
             "forward_sync_sites": dict(forward.sync_sites),
             "backward_sync_sites": dict(backward.sync_sites),
             "in_proj_module_calls": len(in_proj_calls),
+            "project_apart_calls": len(apart_calls),
             "warm_up_builds": {k: n - before.get(k, 0) for k, n in warm.items() if n != before.get(k, 0)},
             "step_builds": {k: n - warm.get(k, 0) for k, n in plans.builds.items() if n != warm.get(k, 0)},
             "shared_cache": all(layer.strategy.plans is plans for layer in model.layers),
@@ -116,8 +122,10 @@ def test_per_layer_collectives_and_no_host_sync(path):
             # each per-batch object is built once, in the warm-up step, for all layers; the recorded step builds none
             assert s["warm_up_builds"] and set(s["warm_up_builds"].values()) == {1}, (where, s["warm_up_builds"])
             assert s["step_builds"] == {}, (where, s["step_builds"])
-            # the path really is the one named: the fused projection never runs in_proj as a module
-            assert s["in_proj_module_calls"] == (0 if path == "hidden_fused" else LAYERS), where
+            # the path really is the one named: a plain nn.Linear in_proj is never run as a module; the fused
+            # projection reads its weight, the other paths project z apart from xBC | dt (gate_projection)
+            assert s["in_proj_module_calls"] == 0, where
+            assert s["project_apart_calls"] == (0 if path == "hidden_fused" else LAYERS), where
             assert s["strategy"] == ("StatePassing" if path == "state_passing" else "HiddenParallel"), where
 
 
@@ -170,21 +178,23 @@ def test_a_host_sync_planted_into_each_path_is_caught(path):
                 assert "in _read" in s[f"{direction}_sync_sites"][event]
 
 
-def _largest_saved_storage_worker(rank, world, fuse, release):
-    """The largest storage that a hidden-parallel mixer's forward saves for backward, over the in_proj output's
-    size (``[B, L_local, 2*H*P + 2*G*N + H]``); how often in_proj ran as a module in that forward; and
-    whether it ran once a forward hook was registered on it."""
+def _largest_saved_storage_worker(rank, world, path, release):
+    """The largest storage that a mixer's forward saves for backward, over the in_proj output's size
+    (``[B, L_local, 2*H*P + 2*G*N + H]``); how often in_proj ran as a module in that forward; and whether it ran
+    once a forward hook was registered on it."""
     torch.manual_seed(0)
     mixer = parallelize_path(
-        Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2, n_groups=2, state_size=4, chunk_size=4),
-        "hidden_fused" if fuse else "hidden_unfused",
+        Mamba2Mixer(hidden_size=8, num_heads=4, head_dim=2, n_groups=2, state_size=4, chunk_size=4), path
     )
     if not release:  # the planted bug: z stays a view of the whole in_proj output
+        from mamba_cp.strategies import base
+
+        base.plain_linear = lambda *a: False
         hidden.own_storage = lambda z: z
     module_calls, hook_calls, storages = [], [], []
     plain_forward = mixer.in_proj.forward
     mixer.in_proj.forward = lambda t: module_calls.append(1) or plain_forward(t)  # counts, registers no hook
-    x = torch.randn(2, 16 // world, 8, requires_grad=True)
+    x = torch.randn(2, 32 // world, 8, requires_grad=True)  # long enough that no small buffer is as large
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: storages.append(t.untyped_storage().nbytes()) or t, lambda t: t
     ):
@@ -197,13 +207,15 @@ def _largest_saved_storage_worker(rank, world, fuse, release):
     return max(storages) / projection_bytes, len(module_calls) - len(hook_calls), len(hook_calls)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_hidden_parallel_keeps_no_in_proj_output_for_backward(fuse):
-    """Fused: in_proj writes the send buffer and z directly. Unfused: z is copied out. Either way nothing saved
-    for backward holds the whole in_proj output (without the copy, the norm's saved z view keeps all of it)."""
-    for ratio, unhooked_calls, hooked_calls in run_on_ranks(_largest_saved_storage_worker, 2, fuse, True):
+@pytest.mark.parametrize("path", PATHS)
+def test_no_path_keeps_the_in_proj_output_for_backward(path):
+    """Fused hidden-parallel: in_proj writes the send buffer and z directly. Unfused and state passing: z is
+    projected apart from ``xBC | dt`` (``gate_projection``). Either way nothing saved for backward holds the whole
+    in_proj output; without that (planted: one buffer, z a view of it) the norm's saved z and the conv's saved xBC
+    keep all of it (state passing), or z alone does (unfused, whose scatter repacks xBC)."""
+    for ratio, unhooked_calls, hooked_calls in run_on_ranks(_largest_saved_storage_worker, 2, path, True):
         assert ratio < 1.0
-        assert unhooked_calls == (0 if fuse else 1)  # fused: the module itself never runs
+        assert unhooked_calls == 0  # a plain nn.Linear is never run as a module
         assert hooked_calls == 1
-    if not fuse:
-        assert all(r[0] >= 1.0 for r in run_on_ranks(_largest_saved_storage_worker, 2, False, False))
+    if path != "hidden_fused":
+        assert all(r[0] >= 1.0 for r in run_on_ranks(_largest_saved_storage_worker, 2, path, False))

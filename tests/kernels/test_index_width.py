@@ -8,6 +8,7 @@ that tiny tensors are cut; big shapes are planned on meta tensors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 
@@ -398,12 +399,35 @@ def test_norm_blocks_match_unblocked(norm_before_gate):
 # ------------------------------------------------------------------------------------------------ GPU script
 
 
-def test_gpu_check_script_exits_cleanly_without_cuda(capsys):
+def _check_script():
     path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "check_index_width.py"
     spec = importlib.util.spec_from_file_location("check_index_width", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_exits_cleanly_without_cuda(capsys):
+    module = _check_script()
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the script would run for real")
     assert module.main(["--quick"]) == 0
     assert "CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["splitter", "planted_halves_initial_states"])
+def test_gpu_check_rows_with_documents_and_states_case_on_the_reference(planted):
+    """The GPU script's stream-rows case, run on the CPU with the reference SSD under the splitter at a lowered
+    limit (the rows are cut): it passes, and a splitter that scales the initial states fails it."""
+    module = _check_script()
+    limit = 2**16
+    split = functools.partial(iw.ssd_chunk_scan_split, ssd_chunk_scan_ref, limit=limit)
+
+    def dropping(*args, **kw):
+        kw["initial_states"] = kw["initial_states"] * 0.5  # a cut that carries half the state
+        return split(*args, **kw)
+
+    env = module.Env("cpu", True, dropping if planted else split, ssd_chunk_scan_ref, limit)
+    rec = module.case_ssd(env, 512, 4, groups=2, chunk=32, batch=2, states=True, cuts=((40, 300), (256,)))
+    assert rec["calls"] > 1
+    assert rec["ok"] is (not planted), rec["errors"]

@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 import torch
 import torch.nn as nn
 
+from ..gate_projection import plain_linear, project_apart
 from ..groups import CPGroup
 from ..plan_cache import PlanCache
 from ..ssm_block import SSMShape
@@ -110,6 +111,13 @@ class Strategy(Protocol[PlanT]):
 
 
 def project(h_BLD: torch.Tensor, in_proj: nn.Module, shape: SSMShape) -> tuple[torch.Tensor, ...]:
-    """``in_proj(h)`` split into ``z [B, L, H*P]``, ``xBC [B, L, C]`` and ``dt [B, L, H]`` (views)."""
+    """``in_proj(h)`` split into ``z [B, L, H*P]``, ``xBC [B, L, C]`` and ``dt [B, L, H]``.
+
+    For a plain ``nn.Linear`` ``z`` is a tensor of its own (:func:`~mamba_cp.gate_projection.project_apart`: freed
+    after the norm's backward) and ``xBC``, ``dt`` are views of the other buffer; otherwise all three are views of
+    ``in_proj(h)``."""
+    if plain_linear(h_BLD, in_proj):
+        z, rest = project_apart(h_BLD, in_proj.weight, in_proj.bias, shape.d_inner)
+        return (z, *torch.split(rest, [shape.conv_dim, shape.num_heads], dim=-1))
     zxbcdt = in_proj(h_BLD)
     return torch.split(zxbcdt, [shape.d_inner, shape.conv_dim, shape.num_heads], dim=-1)

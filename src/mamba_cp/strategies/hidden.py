@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..collectives import all_gather
 from ..consistency import check_ranks_agree
+from ..gate_projection import plain_linear
 from ..groups import CPGroup
 from ..layout import TokenPlan, token_plan
 from ..plan_cache import PlanCache
@@ -34,12 +35,14 @@ from .final_states import conv_ssd_with_states, sequence_ranges
 
 
 def own_storage(z_BLW: torch.Tensor) -> torch.Tensor:
-    """``z`` copied out of the in_proj output it is a view of.
+    """``z`` copied out of the in_proj output it is a view of (no copy when it has its own storage already).
 
     The unfused path's scatter packs ``xBC`` and ``dt`` into its send buffer and keeps no reference to them, so
     once ``z`` (which the norm saves for backward) has its own storage the rest of the in_proj output is freed
     after the scatter instead of living until backward (at 128K tokens, cp=2, NemotronH-8B-like: 1.4 of the
-    2.4 GB in_proj output per layer; the copy writes 1.1 GB).
+    2.4 GB in_proj output per layer; the copy writes 1.1 GB). A plain ``nn.Linear`` in_proj is projected with
+    ``z`` apart (:func:`~mamba_cp.strategies.base.project`), so only modules run as they are (hooks, adapters)
+    are copied.
     """
     return z_BLW.contiguous()
 
@@ -213,14 +216,7 @@ class HiddenParallel:
 
     def _fuses(self, h_BLD: torch.Tensor, in_proj: nn.Module) -> bool:
         # Only a plain nn.Linear that nothing hooks may be bypassed: the fused path reads its weight directly.
-        return (
-            self.fuse_projection
-            and type(in_proj) is nn.Linear
-            and not (in_proj._forward_hooks or in_proj._forward_pre_hooks)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-            and h_BLD.dtype == in_proj.weight.dtype
-            and not torch.is_autocast_enabled(h_BLD.device.type)
-        )
+        return self.fuse_projection and plain_linear(h_BLD, in_proj)
 
     def projection_layout(self, device: torch.device) -> ProjectionLayout:
         """Which in_proj rows go to which rank (built once per device)."""
