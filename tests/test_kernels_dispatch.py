@@ -196,8 +196,7 @@ def test_lean_ssd_matches_the_package_and_saves_less(gate):
     states and gradients (the same kernels), while without ``z`` it saves the output's bytes fewer."""
     from mamba_cp.kernels import ssd_autograd
 
-    fns = ssd_autograd.load()
-    if fns is None or cuda.mamba_ssd() is None:
+    if ssd_autograd.load() is None or cuda.mamba_ssd() is None:
         pytest.skip("mamba_ssm's Triton SSD is not importable")
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -231,7 +230,7 @@ def test_lean_ssd_matches_the_package_and_saves_less(gate):
             )  # fmt: skip
         return y, final, torch.autograd.grad((y, final), leaves, (gy, gf)), sum(saved)
 
-    y, final, grads, lean_bytes = run(functools.partial(ssd_autograd.chunk_scan, fns))
+    y, final, grads, lean_bytes = run(ssd_autograd.chunk_scan)
     y_pkg, final_pkg, grads_pkg, pkg_bytes = run(mamba_chunk_scan_combined)
     assert _rel(y, y_pkg) < 1e-6 and _rel(final, final_pkg) < 1e-6
     for i, (got, want) in enumerate(zip(grads, grads_pkg, strict=True)):
@@ -389,3 +388,68 @@ def test_triton_conv_under_the_interpreter(triton_required):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def _reference_pair():
+    """mamba_ssm's private forward / backward signatures, computed by the float64 reference (for the CPU test of
+    ``ssd_autograd.ChunkScan``'s plumbing: which inputs reach which function, which gradients come back)."""
+
+    def fwd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+            dt_softplus=False, dt_limit=(0.0, float("inf"))):  # fmt: skip
+        kw = dict(D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                  dt_limit=dt_limit, return_final_states=True)  # fmt: skip
+        out, final = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, z=z, **kw)
+        out_x = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, **kw)[0] if z is not None else out
+        return out, out_x, None, None, None, final
+
+    def bwd(dout, x, dt, A, B, C, out, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+            dfinal_states=None, seq_idx=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):  # fmt: skip
+        assert out.shape == x.shape  # all the package's backward reads of ``out`` without z
+        names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+        given = dict(zip(names, (x, dt, A, B, C, D, z, dt_bias, initial_states), strict=True))
+        leaves = {k: v.detach().requires_grad_(True) for k, v in given.items() if v is not None}
+        args = {k: leaves.get(k) for k in names}
+        with torch.enable_grad():
+            y, final = ssd_chunk_scan_ref(
+                args["x"], args["dt"], args["A"], args["B"], args["C"], chunk_size, D=args["D"], z=args["z"],
+                dt_bias=args["dt_bias"], initial_states=args["initial_states"], seq_idx=seq_idx,
+                dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=True,
+            )  # fmt: skip
+            cot = (dout, torch.zeros_like(final) if dfinal_states is None else dfinal_states)
+            grads = dict(zip(leaves, torch.autograd.grad((y, final), list(leaves.values()), cot), strict=True))
+        return tuple(grads.get(k) for k in names)
+
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["no_z", "z"])
+def test_lean_ssd_function_passes_every_input_and_gradient(gate, monkeypatch):
+    """``ChunkScan`` with the package's two functions stood in for by the float64 reference (CPU): the output,
+    final states and every gradient (initial states and the final states' cotangent included) equal the
+    reference's own autograd; without ``z`` the output is not among the saved tensors."""
+    from mamba_cp.kernels import ssd_autograd
+
+    monkeypatch.setattr(ssd_autograd, "load", _reference_pair)
+    g = torch.Generator().manual_seed(3)
+    b, length, h, p, n, chunk = 2, 40, 4, 3, 5, 8
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    x, dt, B, C = rnd(b, length, h, p), rnd(b, length, h, scale=0.5), rnd(b, length, 2, n), rnd(b, length, 2, n)
+    A, D, dt_bias, h0 = (-torch.rand(h, dtype=torch.float64) - 0.5).requires_grad_(), rnd(h), rnd(h), rnd(b, h, p, n)
+    z = rnd(b, length, h, p) if gate else None
+    seq = _seq_idx(b, length, [13, 30], "cpu")
+    leaves = [t for t in (x, dt, A, B, C, D, z, dt_bias, h0) if t is not None]
+    kw = dict(D=D, z=z, dt_bias=dt_bias, initial_states=h0, seq_idx=seq, dt_softplus=True, return_final_states=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, final = ssd_autograd.chunk_scan(x, dt, A, B, C, chunk, **kw)
+    y_ref, final_ref = ssd_chunk_scan_ref(x, dt, A, B, C, chunk, **kw)
+    gy, gf = torch.randn_like(y), torch.randn_like(final)
+    got = torch.autograd.grad((y, final), leaves, (gy, gf))
+    want = torch.autograd.grad((y_ref, final_ref), leaves, (gy, gf))
+    assert _rel(y, y_ref) < 1e-13 and _rel(final, final_ref) < 1e-13
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert _rel(a, e) < 1e-12, i
+    assert all(t is not y for t in saved)

@@ -65,8 +65,8 @@ def mamba_ssd() -> Callable | None:
     Its forward and backward functions under :class:`~mamba_cp.kernels.ssd_autograd.ChunkScan`, which does not
     save the output it does not read (:mod:`~mamba_cp.kernels.ssd_autograd`); the package's public function where
     those do not import."""
-    if (fns := ssd_autograd.load()) is not None:
-        return functools.partial(ssd_autograd.chunk_scan, fns)
+    if ssd_autograd.load() is not None:
+        return ssd_autograd.chunk_scan
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception:  # noqa: BLE001 - any failure to import means "not available"

@@ -35,10 +35,8 @@ class ChunkScan(torch.autograd.Function):
     seq_idx`` and, with ``z`` only, the pre-gate output."""
 
     @staticmethod
-    def forward(
-        ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, final, fns
-    ):
-        fwd, ctx.bwd = fns
+    def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, final):
+        fwd, _ = load()  # an import already made (the caller checked that it works): a dictionary lookup
         out, out_x, *_, final_states = fwd(
             x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
             dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -51,16 +49,15 @@ class ChunkScan(torch.autograd.Function):
     def backward(ctx, dout, *dfinal):
         out_x, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx = ctx.saved_tensors
         # Without z the backward reads ``out`` for its shape only: ``x`` has that shape.
-        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = ctx.bwd(
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = load()[1](
             dout, x, dt, A, B, C, out_x if z is not None else x, ctx.chunk_size, D=D, z=z, dt_bias=dt_bias,
             initial_states=initial_states, dfinal_states=dfinal[0] if ctx.final else None, seq_idx=seq_idx,
             dt_softplus=ctx.dt_softplus, dt_limit=ctx.dt_limit,
         )  # fmt: skip
-        return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None, None, None
+        return dx, ddt, dA, dB, dC, None, dD, dz, ddt_bias, dinit, None, None, None, None
 
 
 def chunk_scan(
-    fns: tuple[Callable, Callable],
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -76,10 +73,11 @@ def chunk_scan(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     return_final_states: bool = False,
 ):
-    """``mamba_chunk_scan_combined`` through :class:`ChunkScan` (``fns`` from :func:`load`): ``x`` ``[B, L, H, P]``,
+    """``mamba_chunk_scan_combined`` through :class:`ChunkScan` (where :func:`load` finds the functions): ``x``
+    ``[B, L, H, P]``,
     ``dt`` ``[B, L, H]``, ``A`` ``[H]``, ``B``/``C`` ``[B, L, G, N]`` -> ``y`` ``[B, L, H, P]`` (and the final
     states ``[B, H, P, N]`` float32)."""
     return ChunkScan.apply(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, tuple(dt_limit),
-        return_final_states, fns,
+        return_final_states,
     )  # fmt: skip
