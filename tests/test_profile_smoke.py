@@ -152,3 +152,28 @@ def test_fake_group_profile_is_one_rank_of_a_larger_group(tmp_path):
     assert sorted({r["impl"] for r in rows}) == ["ours:hidden", "ours:state_passing"] and len(rows) == 6
     assert [section["layout"] for section in report["sections"]] == ["bshd", "thd", "stream"]
     assert all(r["cp"] == 4 and r["step_ms"] > 0 and r["collectives"] for r in rows), rows
+
+
+# ------------------------------------------------------------------------------------------------ profile_rank
+
+
+def test_profile_rank_replays_the_allocation_trace_to_the_peak():
+    """``profile_rank.live_at_peak`` on a hand-made trace: the peak is the largest running sum of the step's
+    allocations, and the blocks listed are those alive at that moment, grouped by their first library frame."""
+    import profile_rank
+
+    own = [{"filename": "/x/site-packages/mamba_cp/strategies/base.py", "line": 7, "name": "project"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": own},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 50, "frames": own},
+        {"action": "free_completed", "addr": 2, "size": 300},
+        {"action": "alloc", "addr": 4, "size": 200, "frames": own},  # 350 alive: below the peak of 450
+    ]
+    got = profile_rank.live_at_peak({"device_traces": [trace]})
+    assert got["step_peak_gib"] * 2**30 == 450
+    blocks = {b["frame"]: (round(b["gib"] * 2**30), b["count"]) for b in got["blocks"]}
+    assert blocks == {"autograd (native op)": (300, 1), "mamba_cp/strategies/base.py:7 project": (150, 2)}
+    assert profile_rank.parse_row("stream:1M:8:state_passing").length == 2**20
+    if not torch.cuda.is_available():
+        assert profile_rank.main(["--rows", "bshd:128K:2:hidden"]) == 0  # says it needs CUDA, runs nothing
