@@ -2,7 +2,7 @@
 
 One GPU, torch's fake process group (as ``simulate_rank.py``: rank 0 runs exactly its own compute on its own shard;
 collectives move nothing). For every row ``LAYOUT:L:CP:STRATEGY`` of ``--rows`` it builds the mixer and the batch as
-``simulate_rank.run_mixer_row`` does, warms up, and then:
+``simulate_rank.mixer_row_step`` does for ``simulate_rank``'s rows, warms up, and then:
 
 * **kernels**: ``--profile-steps`` fwd+bwd steps under ``torch.profiler``; the device time of every kernel, per
   step, summed per category and listed for the top kernels (``profile_mixer.breakdown``);
@@ -24,7 +24,6 @@ import collections
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,8 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_mixer as pm  # noqa: E402 - per-kernel categories
 import simulate_rank as sim  # noqa: E402 - the fake group, the mixer rows and their batches
-
-from mamba_cp import Mamba2Mixer, parallelize  # noqa: E402
 
 _OWN_CODE = ("mamba_cp", "mamba_ssm", "benchmarks")
 
@@ -82,16 +79,8 @@ def live_at_peak(snapshot: dict, device: int = 0, top: int = 15) -> dict:
 
 
 def profile_row(spec: sim.RowSpec, args, device: torch.device) -> dict:
-    dims = sim.bench.MODELS[args.model]
-    dtype = getattr(torch, args.dtype)
     with sim.fake_group(spec.cp) as group:
-        torch.manual_seed(args.seed)
-        mixer = Mamba2Mixer(**dims, device=device, dtype=dtype)
-        if spec.cp > 1:
-            parallelize(mixer, group, strategy=spec.strategy, packed_layout=sim.packed_layout(spec.layout))
-        batch_args = SimpleNamespace(docs=args.docs, multiple=args.multiple, seed=args.seed)
-        x, g, cu, _ = sim.mixer_batch(spec, dims["hidden_size"], dtype, device, batch_args)
-        step = sim.bench.mixer_step(mixer, x, g, cu)
+        step, _ = sim.mixer_row_step(spec, args, device, group)
         clock = sim.bench.Clock(device)
         timing = sim.bench.time_step(step, clock, args.warmup, args.iters, device)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -109,7 +98,7 @@ def profile_row(spec: sim.RowSpec, args, device: torch.device) -> dict:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         memory = live_at_peak(snapshot, device.index or 0) | {"baseline_gib": baseline / 2**30}
-        del snapshot, step, mixer, x, g
+        del snapshot, step
         sim.free_memory(device)
     return {"row": spec.key, "ms": timing["ms"], "peak_gib": timing.get("peak_bytes", 0) / 2**30,
             "kernels": kernels, "memory": memory}  # fmt: skip

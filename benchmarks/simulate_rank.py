@@ -453,20 +453,28 @@ def mixer_batch(spec: RowSpec, hidden: int, dtype, device, args) -> tuple[torch.
     return x, g, cu, seqs
 
 
+def mixer_row_step(spec: RowSpec, args, device: torch.device, group) -> tuple[Callable[[], None], int]:
+    """The row's mixer (``--model``, ``--dtype``; parallelized over ``group`` for ``cp > 1``) and rank 0's batch:
+    its fwd+bwd step and the number of sequences in the batch."""
+    dims = bench.MODELS[args.model]
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    mixer = Mamba2Mixer(**dims, device=device, dtype=dtype)
+    if spec.cp > 1:
+        parallelize(mixer, group, strategy=spec.strategy, packed_layout=packed_layout(spec.layout))
+    x, g, cu, seqs = mixer_batch(spec, dims["hidden_size"], dtype, device, args)
+    return bench.mixer_step(mixer, x, g, cu), seqs
+
+
 def run_mixer_row(spec: RowSpec, args, device: torch.device, clock) -> dict:
     """Rank 0's fwd+bwd of the mixer under the fake group; adds the comm model and the step estimate."""
     dims = bench.MODELS[args.model]
     dtype = getattr(torch, args.dtype)
     shape = ssm_shape(dims)
     with fake_group(spec.cp) as group:
-        torch.manual_seed(args.seed)
-        mixer = Mamba2Mixer(**dims, device=device, dtype=dtype)
-        if spec.cp > 1:
-            parallelize(mixer, group, strategy=spec.strategy, packed_layout=packed_layout(spec.layout))
-        x, g, cu, seqs = mixer_batch(spec, dims["hidden_size"], dtype, device, args)
-        step = bench.mixer_step(mixer, x, g, cu)
+        step, seqs = mixer_row_step(spec, args, device, group)
         timing = timed(step, clock, args.warmup, args.iters, device, spec.cp, count=True)
-        del step, mixer, x, g
+        del step
         free_memory(device)
         hide = safe_hideable(spec, dims["hidden_size"], shape.d_inner, dtype, device, clock)
     nbytes = dtype.itemsize

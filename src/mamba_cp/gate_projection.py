@@ -54,18 +54,18 @@ class ProjectApart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, drest):
-        # Torch ops only, so the backward is differentiable again (create_graph=True), as nn.Linear's is.
         h, weight = ctx.saved_tensors
         zw = ctx.z_width
         # An output that took no part in the loss has no gradient: it adds nothing.
-        dz = torch.zeros(h.shape[0], zw, dtype=h.dtype, device=h.device) if dz is None else dz
+        dz = h.new_zeros(h.shape[0], zw) if dz is None else dz
         drest = h.new_zeros(h.shape[0], weight.shape[0] - zw) if drest is None else drest
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = dW = db = None
         if need_h:
             dh = torch.mm(drest, weight[zw:])
             dh.addmm_(dz, weight[:zw])
-        if need_w and torch.is_grad_enabled():  # a graph of the backward is being built: no out= writes
+        # Under create_graph=True the backward is itself differentiated: differentiable ops only (no out= writes).
+        if need_w and torch.is_grad_enabled():
             dW = torch.cat([dz.t() @ h, drest.t() @ h])
         elif need_w:
             dW = torch.empty_like(weight)
