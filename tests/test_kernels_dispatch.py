@@ -101,9 +101,12 @@ def test_cuda_dispatch_picks_fast_kernels_and_keeps_float64_on_references():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "width,packed,strided", [(4, True, True), (4, False, False), (3, True, False), (2, False, True)], ids=str
-)
-def test_triton_conv_matches_reference(dtype, width, packed, strided):
+    "width,packed,strided,history",
+    [(4, True, True, False), (4, False, False, False), (3, True, False, False), (2, False, True, False),
+     (4, True, True, True), (3, False, False, True)],
+    ids=str,
+)  # fmt: skip
+def test_triton_conv_matches_reference(dtype, width, packed, strided, history):
     fn = cuda.triton_conv()
     if fn is None:
         pytest.skip("Triton is not importable")
@@ -115,14 +118,20 @@ def test_triton_conv_matches_reference(dtype, width, packed, strided):
     w = torch.randn(channels, width, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(channels, device="cuda", dtype=dtype, requires_grad=True)
     seq = _seq_idx(batch, length, [3, 500, 501, 1023], "cuda") if packed else None
-    out = fn(x, w, b, seq_idx=seq, activation="silu")
-    ref = causal_conv1d_ref(x.double(), w.double(), b.double(), seq_idx=seq, activation="silu")
+    h = torch.randn(batch, width - 1, channels, device="cuda", dtype=dtype, requires_grad=True) if history else None
+    hseq = torch.tensor([[-1] * (width - 1), [-1] + [0] * (width - 2)], device="cuda") if history and packed else None
+    leaves = (x, w, b, h) if history else (x, w, b)
+    out = fn(x, w, b, seq_idx=seq, activation="silu", history=h, history_seq_idx=hseq)
+    h64 = h.double() if history else None
+    ref = causal_conv1d_ref(
+        x.double(), w.double(), b.double(), seq_idx=seq, activation="silu", history=h64, history_seq_idx=hseq
+    )
     g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, w, b), g)
-    ref_grads = torch.autograd.grad(ref, (x, w, b), g.double(), allow_unused=True)
+    grads = torch.autograd.grad(out, leaves, g)
+    ref_grads = torch.autograd.grad(ref, leaves, g.double(), allow_unused=True)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert _rel(out, ref) < tol
-    for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads, strict=True):
+    for name, got, want in zip(("x", "weight", "bias", "history"), grads, ref_grads, strict=False):
         assert _rel(got, want) < tol, name
 
 
@@ -382,6 +391,26 @@ def test_triton_conv_under_the_interpreter(triton_required):
             for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
                 assert (a - r).abs().max() < 1e-4 * r.abs().max(), (length, block_l, (a - r).abs().max())
             assert (out - ref).abs().max() < 1e-5
+        # A history before each row (the halos of state passing): its gradient comes from the block before
+        # position 0 that the first program of a row walks; row 0's history is another sequence's (ids -1).
+        for length, width, (block_l, block_c, acc_2d) in [(2, 4, variants[1]), (40, 3, variants[0]),
+                                                          (600, 4, variants[2])]:
+            triton_conv._BWD_DEFAULT.update(BLOCK_L=block_l, BLOCK_C=block_c, ACC_2D=acc_2d)
+            x = torch.randn(2, length, 32, requires_grad=True)
+            w = torch.randn(32, width, requires_grad=True); b = torch.randn(32, requires_grad=True)
+            h = torch.randn(2, width - 1, 32, requires_grad=True)
+            for seq, hseq in [(None, None), (torch.zeros(2, length, dtype=torch.int32),
+                                             torch.tensor([[-1] * (width - 1), [-1] + [0] * (width - 2)]))]:
+                if seq is not None:
+                    seq[:, 1:] += 1
+                out = triton_conv.causal_conv1d_triton(x, w, b, seq_idx=seq, history=h, history_seq_idx=hseq)
+                ref = causal_conv1d_ref(x, w, b, seq_idx=seq, history=h, history_seq_idx=hseq)
+                g = torch.randn_like(ref)
+                got, want = torch.autograd.grad(out, (x, w, b, h), g), torch.autograd.grad(ref, (x, w, b, h), g)
+                assert want[3].abs().max() > 0
+                for name, a, r in zip("xwbh", got, want):
+                    assert (a - r).abs().max() < 1e-4 * r.abs().max(), (length, width, name, (a - r).abs().max())
+                assert (out - ref).abs().max() < 1e-5
         print("ok")
         """
     )

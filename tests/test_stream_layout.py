@@ -90,7 +90,7 @@ PLANTED = {
     "summary_sees_every_document": ("last_doc", lambda i: torch.ones_like(i.last_doc)),
     "no_barriers": ("barrier", lambda i: torch.zeros_like(i.barrier)),
     "incoming_kept_at_document_start": ("keep_incoming", lambda i: torch.ones_like(i.keep_incoming)),
-    "conv_windows_cross_documents": ("window_seq_idx", lambda i: torch.zeros_like(i.window_seq_idx)),
+    "conv_halos_cross_documents": ("halo_seq_idx", lambda i: torch.zeros_like(i.halo_seq_idx)),
 }
 
 
@@ -156,8 +156,8 @@ def test_stream_index_matches_the_pack(seqlens: list[int], cp: int, halo: int) -
             assert st.last_doc[half].tolist() == [doc_of[p] == doc_of[pos[-1]] for p in pos]
             assert bool(st.barrier[half]) == any(p in starts for p in pos)
             assert bool(st.keep_incoming[half]) == (pos[0] not in starts)
-            window = [max(p, 0) for p in range(pos[0] - halo, pos[0] + halo)]
-            assert st.window_seq_idx[half].tolist() == [doc_of[p] - doc_of[window[0]] for p in window]
+            before = [max(p, 0) for p in range(pos[0] - halo, pos[0])]
+            assert st.halo_seq_idx[half].tolist() == [doc_of[p] - first for p in before]
 
 
 @pytest.mark.parametrize("links", [2, 8, 32])

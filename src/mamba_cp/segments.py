@@ -82,9 +82,10 @@ class StreamIndex:
     the SSD kernel's ``seq_idx`` (the kernel's ``initial_states`` feeds document 0 only)."""
     last_doc: torch.Tensor
     """``[2, c]`` bool: the token belongs to the segment's last document, the only one its end state sees."""
-    window_seq_idx: torch.Tensor
-    """``[2, 2*halo]`` int32 document ids of the conv windows ``[halo before the segment | its first halo
-    tokens]``, counted from the window's first token (the halo slots before the pack's start read zeros)."""
+    halo_seq_idx: torch.Tensor
+    """``[2, halo]`` int32 document ids of the ``halo`` tokens before each segment (the conv's
+    ``history_seq_idx``), on ``seq_idx``'s count: 0 where the segment's first document goes on into the halo,
+    negative before it (the halo slots before the pack's start read zeros, whatever their ids)."""
     barrier: torch.Tensor
     """``[2]`` bool: the segment holds a document start (its first token included), so no state passes through it
     (it rides with the summaries)."""
@@ -218,14 +219,13 @@ def _stream_index(bounds: list[int], cp_size: int, cp_rank: int, seg_len: int, h
     pos = start + torch.arange(seg_len)  # [2, c]
     doc = torch.bucketize(pos, cu[1:], right=True)  # [2, c] global document of each token
     local = doc - doc[:, :1]
-    window = (start - halo + torch.arange(2 * halo)).clamp(min=0)  # [2, 2 halo]; slots before 0 hold zeros
-    window_doc = torch.bucketize(window, cu[1:], right=True)
-    window_doc = window_doc - window_doc[:, :1]  # ids from 0 (only equality matters to the conv)
+    before = (start - halo + torch.arange(halo)).clamp(min=0)  # [2, halo]; slots before 0 hold zeros
+    halo_doc = torch.bucketize(before, cu[1:], right=True) - doc[:, :1]  # on the segment's count
     starts_doc = torch.isin(pos, cu[:-1])  # [2, c] tokens that start a document
     return StreamIndex(
         seq_idx=local.to(device, torch.int32),
         last_doc=(doc == doc[:, -1:]).to(device),
-        window_seq_idx=window_doc.to(device, torch.int32),
+        halo_seq_idx=halo_doc.to(device, torch.int32),
         barrier=starts_doc.any(dim=1).to(device),
         keep_incoming=(~starts_doc[:, 0]).to(device),
     )

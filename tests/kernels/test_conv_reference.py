@@ -97,3 +97,99 @@ def test_low_precision_smoke(dtype: torch.dtype) -> None:
 def test_bad_activation() -> None:
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d_ref(torch.zeros(1, 4, 2), torch.zeros(2, 3), activation="relu")
+
+
+# ------------------------------------------------------------------------------------------------ history
+
+
+def conv1d_with_history(x, weight, bias, seq_idx, history, history_ids, activation) -> torch.Tensor:
+    """Independent formula: F.conv1d over each row's first run of ids with the history rows in front of it (rows of
+    another sequence zeroed, positions kept), the later runs zero-padded as in :func:`conv1d_per_sequence`."""
+    batch, seqlen, _ = x.shape
+    rows = []
+    for b in range(batch):
+        ids = [0] * seqlen if seq_idx is None else seq_idx[b].tolist()
+        first = next((t for t in range(seqlen) if ids[t] != ids[0]), seqlen)
+        keep = torch.ones(history.shape[1], 1, dtype=x.dtype)
+        if seq_idx is not None:
+            keep = (history_ids[b] == ids[0]).to(x.dtype)[:, None]
+        head = torch.cat([history[b] * keep, x[b, :first]]).T  # [C, K-1 + first]
+        out = F.conv1d(head[None], weight[:, None, :], bias, groups=x.shape[2])[0].T
+        if first < seqlen:
+            rest_ids = None if seq_idx is None else seq_idx[b : b + 1, first:]
+            out = torch.cat([out, conv1d_per_sequence(x[b : b + 1, first:], weight, bias, rest_ids, None)[0]])
+        rows.append(out)
+    out = torch.stack(rows)
+    return F.silu(out) if activation == "silu" else out
+
+
+HISTORY_CASES = {
+    # (seq rows or None, history ids per row or None): the history continues the first sequence, starts one
+    # inside it, or belongs wholly to other sequences.
+    "no_seq": (None, None),
+    "seq_continues_and_not": ([[3, 4, 1], [1, 7]], [[0, 0, 0, 0], [-2, -1, -1, 0]]),
+    "seq_row_starts_fresh": ([[8], [2, 6]], [[-1, -1, -1, -1], [-3, -2, -1, -1]]),
+}
+
+
+@pytest.mark.parametrize("case", list(HISTORY_CASES), ids=list(HISTORY_CASES))
+@pytest.mark.parametrize("width", [2, 3, 4, 5], ids=["K2", "K3", "K4", "K5"])
+def test_history_matches_the_formula_and_the_window(case: str, width: int) -> None:
+    """``history`` against an independent formula, and :func:`history_by_window` (a conv without history, then
+    its first outputs recomputed from windows) against both, values and every gradient (float64)."""
+    from mamba_cp.kernels.conv_reference import history_by_window
+
+    gen = torch.Generator().manual_seed(width)
+    rows, hist_ids = HISTORY_CASES[case]
+    seq_idx = make_seq_idx(rows)
+    seqlen = 8 if seq_idx is None else seq_idx.shape[1]
+    x = torch.randn(2, seqlen, 5, generator=gen, dtype=F64, requires_grad=True)
+    weight = torch.randn(5, width, generator=gen, dtype=F64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=F64, requires_grad=True)
+    history = torch.randn(2, width - 1, 5, generator=gen, dtype=F64, requires_grad=True)
+    ids = None if hist_ids is None else torch.tensor([r[4 - (width - 1) :] for r in hist_ids], dtype=torch.int32)
+    kw = dict(seq_idx=seq_idx, activation="silu", history=history, history_seq_idx=ids)
+    got = causal_conv1d_ref(x, weight, bias, **kw)
+    want = conv1d_with_history(x, weight, bias, seq_idx, history, ids, "silu")
+    window = history_by_window(causal_conv1d_ref, x, weight, bias, seq_idx, "silu", history, ids)
+    gy = torch.randn(got.shape, generator=gen, dtype=F64)
+    leaves = (x, weight, bias, history)
+    grads = torch.autograd.grad(got, leaves, gy, retain_graph=True)
+    fresh = case == "seq_row_starts_fresh"  # the history is of other sequences: read as zeros, no gradient
+    assert (float(grads[3].abs().sum()) == 0) == fresh
+    for other in (want, window):
+        torch.testing.assert_close(got, other, rtol=1e-13, atol=1e-13)
+        for a, b in zip(grads, torch.autograd.grad(other, leaves, gy), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_history_shorter_sequence_than_the_filter_and_double_backward() -> None:
+    """One token after a 3-token history (the window is longer than the row), gradcheck and gradgradcheck."""
+    from mamba_cp.kernels.conv_reference import history_by_window
+
+    gen = torch.Generator().manual_seed(1)
+    args = [torch.randn(s, generator=gen, dtype=F64, requires_grad=True) for s in ((2, 1, 3), (3, 4), (3,), (2, 3, 3))]
+    torch.autograd.gradcheck(lambda x, w, b, h: causal_conv1d_ref(x, w, b, history=h), args)
+    torch.autograd.gradgradcheck(lambda x, w, b, h: causal_conv1d_ref(x, w, b, history=h), args)
+    x, w, b, h = args
+    torch.testing.assert_close(
+        causal_conv1d_ref(x, w, b, history=h), history_by_window(causal_conv1d_ref, x, w, b, None, "silu", h, None)
+    )
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(history=torch.zeros(2, 2, 3)), r"history must be \[B, K-1, C\]=\(2, 3, 3\)"),
+        (dict(history=torch.zeros(2, 3, 3, dtype=F64)), "history must be torch.float32"),
+        (dict(history_seq_idx=torch.zeros(2, 3)), "without history"),
+        (dict(history=torch.zeros(2, 3, 3), history_seq_idx=torch.zeros(2, 3)), "needs seq_idx"),
+        (
+            dict(history=torch.zeros(2, 3, 3), history_seq_idx=torch.zeros(2, 2), seq_idx=torch.zeros(2, 5)),
+            r"history_seq_idx must be \[B, K-1\]=\(2, 3\)",
+        ),
+    ],
+)
+def test_bad_history(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        causal_conv1d_ref(torch.zeros(2, 5, 3), torch.zeros(3, 4), **kw)

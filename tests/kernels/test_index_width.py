@@ -310,11 +310,16 @@ def _conv_case(seed=0, strided=True):
     return leaf, (lambda: leaf[..., 2 : 2 + channels] if strided else leaf), w, b, seq
 
 
-def _conv_results(call, leaf, x_of, w, b, seq):
-    y = call(x_of(), w, b, seq_idx=seq, activation="silu")
+def _conv_results(call, leaf, x_of, w, b, seq, history=None):
+    kw = {} if history is None else {"history": history, "history_seq_idx": None if seq is None else seq[:, :3] - 1}
+    if seq is not None and history is not None:
+        kw["history_seq_idx"][1, 2] = 0  # row 1's last history token continues its first sequence
+    y = call(x_of(), w, b, seq_idx=seq, activation="silu", **kw)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
-    grads = torch.autograd.grad((y * gy).sum(), (leaf, w, b))
-    return {"y": y.detach(), "dx": grads[0], "dw": grads[1], "db": grads[2]}
+    leaves = (leaf, w, b) if history is None else (leaf, w, b, history)
+    grads = torch.autograd.grad((y * gy).sum(), leaves)
+    out = {"y": y.detach(), "dx": grads[0], "dw": grads[1], "db": grads[2]}
+    return out if history is None else {**out, "dhistory": grads[3]}
 
 
 CONV_SPLITS = {
@@ -323,12 +328,16 @@ CONV_SPLITS = {
 }
 
 
+@pytest.mark.parametrize("use_history", [False, True], ids=["", "history"])
 @pytest.mark.parametrize("use_seq", [True, False], ids=["seq_idx", "no_seq_idx"])
 @pytest.mark.parametrize("split", [*CONV_SPLITS, "planned"])
-def test_conv_split_matches_unsplit(split, use_seq):
+def test_conv_split_matches_unsplit(split, use_seq, use_history):
+    """Cut calls against the uncut one: values and every gradient (the history's too, which only the pieces
+    that start a row read)."""
     leaf, x_of, w, b, seq = _conv_case()
     seq = seq if use_seq else None
-    want = _conv_results(causal_conv1d_ref, leaf, x_of, w, b, seq)
+    history = torch.randn(2, 3, 6, dtype=F64, requires_grad=True) if use_history else None
+    want = _conv_results(causal_conv1d_ref, leaf, x_of, w, b, seq, history)
     calls = []
 
     def recording(x, *args, **kw):
@@ -340,8 +349,10 @@ def test_conv_split_matches_unsplit(split, use_seq):
     def cut(*args, **kw):
         return iw.causal_conv1d_split(recording, *args, **kw, **opts)
 
-    err, what = _worst(_conv_results(cut, leaf, x_of, w, b, seq), want)
+    err, what = _worst(_conv_results(cut, leaf, x_of, w, b, seq, history), want)
     assert err < EXACT, (what, err)
+    if history is not None:
+        assert float(want["dhistory"].abs().sum()) > 0
     if split == "planned":
         assert len(calls) > 2 and max(sp for sp, _ in calls) <= 80
         assert all(stride == 11 for _, stride in calls)  # windows of the strided x read in place, not copied

@@ -25,7 +25,7 @@ import torch
 
 from ..double_backward import first_order_only
 from . import cuda, index_width
-from .conv_reference import causal_conv1d_ref
+from .conv_reference import causal_conv1d_ref, check_history, history_by_window
 from .norm_reference import rmsnorm_gated_ref
 from .ssd_reference import ssd_chunk_scan_ref
 
@@ -86,23 +86,34 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     activation: str | None = "silu",
+    history: torch.Tensor | None = None,
+    history_seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d: ``x`` ``[B, L, C]``, ``weight`` ``[C, K]``, ``bias`` ``[C]`` -> ``[B, L, C]``.
 
-    ``seq_idx`` ``[B, L]`` stops the window at packed-sequence boundaries.
+    ``seq_idx`` ``[B, L]`` stops the window at packed-sequence boundaries. ``history`` ``[B, K-1, C]``: the tokens
+    before ``x[:, 0]`` (zeros when None), with ids ``history_seq_idx`` ``[B, K-1]`` (default: each row's first
+    sequence), as :func:`~mamba_cp.kernels.conv_reference.causal_conv1d_ref` defines them. Our Triton conv and the
+    reference read it; for the ``causal_conv1d`` package it goes through
+    :func:`~mamba_cp.kernels.conv_reference.history_by_window`.
     """
+    history_seq_idx = check_history(x, weight, seq_idx, history, history_seq_idx)
     name, fn = _conv_impl(x, weight.shape[-1])
     if name == "causal_conv1d":
         weight = first_order_only(weight, "the causal_conv1d package's kernel")  # backward not differentiable again
-        return index_width.causal_conv1d_split(
-            functools.partial(cuda.causal_conv1d_cuda, fn), x, weight, bias, seq_idx, activation,
+        conv = functools.partial(
+            index_width.causal_conv1d_split, functools.partial(cuda.causal_conv1d_cuda, fn),
             limit=cuda.CAUSAL_CONV1D_LIMIT, max_tokens=cuda.CAUSAL_CONV1D_MAX_TOKENS,
         )  # fmt: skip
+        if history is None:
+            return conv(x, weight, bias, seq_idx, activation)
+        return history_by_window(conv, x, weight, bias, seq_idx, activation, history, history_seq_idx)
     if name == "triton":
         return index_width.causal_conv1d_split(
-            fn, x, weight, bias, seq_idx, activation, limit=None, max_tokens=cuda.TRITON_CONV_MAX_TOKENS
-        )
-    return fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
+            fn, x, weight, bias, seq_idx, activation, limit=None, max_tokens=cuda.TRITON_CONV_MAX_TOKENS,
+            history=history, history_seq_idx=history_seq_idx,
+        )  # fmt: skip
+    return fn(x, weight, bias, seq_idx=seq_idx, activation=activation, history=history, history_seq_idx=history_seq_idx)
 
 
 def ssd_chunk_scan(

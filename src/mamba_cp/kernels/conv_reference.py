@@ -7,11 +7,13 @@ tokens that carry the same sequence id as the output token, so nothing leaks acr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["causal_conv1d_ref"]
+__all__ = ["causal_conv1d_ref", "check_history", "history_by_window"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,17 +40,47 @@ def _shift_right(t: Tensor, shift: int, fill: Tensor | float) -> Tensor:
     return torch.cat([front, t[:, : t.shape[1] - shift]], dim=1)
 
 
+def check_history(
+    x: Tensor, weight: Tensor, seq_idx: Tensor | None, history: Tensor | None, history_seq_idx: Tensor | None
+) -> Tensor | None:
+    """Validate a conv's ``history`` ``[B, K-1, C]`` (the ``K - 1`` tokens before ``x[:, 0]``, in ``x``'s dtype)
+    and its ids ``history_seq_idx`` ``[B, K-1]``; returns the ids to use: given ones, else (with ``seq_idx``)
+    ``seq_idx[:, :1]`` repeated, so the history continues each row's first sequence; None without ``seq_idx``."""
+    if history is None:
+        if history_seq_idx is not None:
+            raise ValueError("history_seq_idx is given without history")
+        return None
+    want = (x.shape[0], weight.shape[1] - 1, x.shape[2])
+    if tuple(history.shape) != want:
+        raise ValueError(f"history must be [B, K-1, C]={want}, got {tuple(history.shape)}")
+    if history.dtype != x.dtype or history.device != x.device:
+        raise ValueError(f"history must be {x.dtype} on {x.device} like x, got {history.dtype} on {history.device}")
+    if seq_idx is None:
+        if history_seq_idx is not None:
+            raise ValueError("history_seq_idx needs seq_idx (the ids it is compared with)")
+        return None
+    if history_seq_idx is None:
+        return seq_idx[:, :1].expand(want[0], want[1])
+    if tuple(history_seq_idx.shape) != want[:2]:
+        raise ValueError(f"history_seq_idx must be [B, K-1]={want[:2]}, got {tuple(history_seq_idx.shape)}")
+    return history_seq_idx
+
+
 def causal_conv1d_ref(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
     seq_idx: Tensor | None = None,
     activation: str | None = "silu",
+    history: Tensor | None = None,
+    history_seq_idx: Tensor | None = None,
 ) -> Tensor:
     """Depthwise causal 1D convolution over the sequence dimension.
 
     ``out[b, t, c] = act(bias[c] + sum_k weight[c, k] * x[b, t - (K - 1) + k, c])`` where tokens before
-    position 0, and tokens whose ``seq_idx`` differs from ``seq_idx[b, t]``, read as zero.
+    position 0, and tokens whose ``seq_idx`` differs from ``seq_idx[b, t]``, read as zero. With ``history`` the
+    tokens before position 0 are its rows instead (``x[b, -j] = history[b, K-1-j]``), with ids
+    ``history_seq_idx``: one conv over ``[history | x]`` whose first ``K - 1`` outputs are dropped.
 
     Args:
         x: ``[B, L, C]`` input, channels last.
@@ -56,6 +88,8 @@ def causal_conv1d_ref(
         bias: ``[C]`` or None.
         seq_idx: ``[B, L]`` integer sequence ids of packed sequences (non-decreasing), or None.
         activation: ``"silu"`` (alias ``"swish"``) or None.
+        history: ``[B, K-1, C]`` the tokens before ``x[:, 0]``, or None (zeros).
+        history_seq_idx: ``[B, K-1]`` their sequence ids, compared with ``seq_idx`` (see :func:`check_history`).
 
     Returns:
         ``[B, L, C]`` in ``x.dtype`` (computed in float32 for half types, float64 for float64).
@@ -72,6 +106,11 @@ def causal_conv1d_ref(
     if seq_idx is not None and seq_idx.shape != (batch, seqlen):
         raise ValueError(f"seq_idx must be [B={batch}, L={seqlen}], got shape {tuple(seq_idx.shape)}")
     width = weight.shape[1]
+    history_seq_idx = check_history(x, weight, seq_idx, history, history_seq_idx)
+    if history is not None:
+        seq = None if seq_idx is None else torch.cat([history_seq_idx.to(seq_idx.dtype), seq_idx], dim=1)
+        out = causal_conv1d_ref(torch.cat([history, x], dim=1), weight, bias, seq, activation)
+        return out[:, width - 1 :]
 
     cdtype = _compute_dtype(x.dtype)
     xc = x.to(cdtype)
@@ -93,3 +132,27 @@ def causal_conv1d_ref(
     if activation is not None:
         out = F.silu(out)
     return out.to(x.dtype)
+
+
+def history_by_window(
+    conv: Callable,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    seq_idx: Tensor | None,
+    activation: str | None,
+    history: Tensor,
+    history_seq_idx: Tensor | None,
+) -> Tensor:
+    """A conv with ``history`` (:func:`causal_conv1d_ref`'s contract) out of a ``conv`` that takes none: ``conv``
+    over ``x`` from zeros, then its first ``min(K-1, L)`` outputs recomputed from ``[history | x[:, :K-1]]``
+    windows ``[B, 2(K-1), C]`` and written over (per position the same arithmetic as one conv over
+    ``[history | x]``). For kernels without a history input (the ``causal_conv1d`` package's, with ``seq_idx``);
+    ``history_seq_idx`` as :func:`check_history` returns it."""
+    halo = weight.shape[1] - 1
+    out = conv(x, weight, bias, seq_idx, activation)
+    head = min(halo, x.shape[1])
+    window = torch.cat([history, x[:, :head]], dim=1)
+    window_seq = None if seq_idx is None else torch.cat([history_seq_idx.to(seq_idx.dtype), seq_idx[:, :head]], 1)
+    out[:, :head] = conv(window, weight, bias, window_seq, activation)[:, halo:]
+    return out

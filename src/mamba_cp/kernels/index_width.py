@@ -534,12 +534,15 @@ def causal_conv1d_split(
     max_tokens: int | None = None,
     max_batch: int = GRID_YZ_LIMIT,
     split: ConvSplit | None = None,
+    history: Tensor | None = None,
+    history_seq_idx: Tensor | None = None,
 ) -> Tensor:
     """``conv`` (signature of :func:`mamba_cp.kernels.causal_conv1d`) in calls that fit (see :func:`plan_conv_split`).
 
     ``x`` ``[B, L, C]``, ``weight`` ``[C, K]``, ``bias`` ``[C]``, ``seq_idx`` ``[B, L]`` -> ``[B, L, C]``. A token
     piece reads its ``K - 1`` tokens before it and drops their outputs; ``seq_idx`` goes along, so the halo is
-    masked where a sequence starts inside it. One call that fits is ``conv``'s own call, untouched.
+    masked where a sequence starts inside it. ``history`` ``[B, K-1, C]`` (and its ids ``[B, K-1]``) goes to the
+    pieces that start a row, cut by the same row blocks. One call that fits is ``conv``'s own call, untouched.
     """
     if x.dim() != 3 or weight.dim() != 2:
         raise ValueError(f"x must be [B, L, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -552,21 +555,23 @@ def causal_conv1d_split(
     else:
         _check_cover(split.batch, batch, "batch")
         _check_cover(split.pieces, seqlen, "token")
+    hist = {} if history is None else {"history": history, "history_seq_idx": history_seq_idx}
     if split.calls == 1:
-        return conv(x, weight, bias, seq_idx=seq_idx, activation=activation)
+        return conv(x, weight, bias, seq_idx=seq_idx, activation=activation, **hist)
     halo = weight.shape[1] - 1
-    windows, dst, src = [], [], []
+    windows, dst, src, hists = [], [], [], []
     for r in split.batch:
         for l0, l1 in split.pieces:
             s0 = _window_start(l0, halo)
             windows.append((slice(*r), slice(s0, l1)))
             dst.append((slice(*r), slice(l0, l1)))
             src.append(None if s0 == l0 else (slice(None), slice(l0 - s0, None)))
+            hists.append({k: None if v is None else v[slice(*r)] for k, v in hist.items()} if l0 == 0 else {})
     disjoint = all(s is None for s in src)
     xs = _Windows.apply(x, tuple(windows), limit, disjoint)
     outs = [
-        conv(xw, weight, bias, seq_idx=seq_idx[w] if seq_idx is not None else None, activation=activation)
-        for xw, w in zip(xs, windows, strict=True)
+        conv(xw, weight, bias, seq_idx=seq_idx[w] if seq_idx is not None else None, activation=activation, **h)
+        for xw, w, h in zip(xs, windows, hists, strict=True)
     ]
     return _assemble(x.shape, dst, outs, limit, src=src)
 

@@ -8,10 +8,11 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
 :mod:`mamba_cp.segments`). Per layer:
 
 1. **conv1d**: each segment needs the ``K-1`` pre-conv tokens before it. Every rank all-gathers the last
-   ``K-1`` tokens of each of its segments (``2*S*(K-1)*C`` values) and picks its halos. The conv runs on the
-   segments from zero history (BSHD: segments are batch rows; THD: ``seq_idx`` = segment id), and only the
-   first ``K-1`` outputs of each segment, the ones that see the halo, are recomputed from small
-   ``[halo | segment head]`` windows and written over. Halos before a sequence start are zeros.
+   ``K-1`` tokens of each of its segments (``2*S*(K-1)*C`` values) and picks its halos. BSHD and stream rows:
+   the conv runs on the segment rows with the halos as its ``history`` (one pass, no window, no gradient
+   copies). Packs cut per document: the conv runs on the segments from zero history (``seq_idx`` = segment
+   id), and only the first ``K-1`` outputs of each segment, the ones that see the halo, are recomputed from
+   small ``[halo | segment head]`` windows and written over. Halos before a sequence start are zeros.
 2. **Summaries**: each segment's final state from a zero state, ``sum_t exp(log decay after t) * dt_t *
    outer(x_t, B_t)`` per head (:func:`~mamba_cp.kernels.segment_scan.segment_states`: a fused Triton kernel
    on GPUs, float32 accumulation; its readable reference elsewhere), and its total log decay ``sum(dt*A)``.
@@ -237,8 +238,9 @@ class StatePassing:
         """Causal conv1d (SiLU) of this rank's tokens with halos from the tokens before each segment:
         ``[B, L_local, C]`` -> ``[B, L_local, C]``. One all-gather (none for ``conv_kernel == 1``).
 
-        The conv runs on the segments from zero history (no copy of ``xBC``); the first ``min(halo, c)``
-        outputs of each segment are then recomputed from ``[halo | first halo tokens]`` windows
+        BSHD and stream rows: one conv over the segments ``[2B, c, C]`` (no copy of ``xBC``) with the halos as its
+        ``history``. Packs cut per document: the conv runs on the segments from zero history; the first
+        ``min(halo, c)`` outputs of each segment are then recomputed from ``[halo | first halo tokens]`` windows
         ``[2*S, 2*halo, C]`` and written over (per position the same arithmetic as one conv over
         ``[halo | segment]``)."""
         weight_CK, bias_C = params.conv_weight_CK, params.conv_bias_C
@@ -252,15 +254,11 @@ class StatePassing:
             tails = seg[:, c - halo :] if c >= halo else F.pad(seg, (0, 0, halo - c, 0))  # [2B, halo, C]
             halos = self.exchange_halos(tails.reshape(rows * halo, width), plan).view(rows, halo, width)
             st = plan.stream  # a pack as one row: the conv stops at document starts inside the segments too
-            seq_idx, window_idx = (None, None) if st is None else (st.seq_idx, st.window_seq_idx)
-            out = kernels.causal_conv1d(seg, weight_CK, bias_C, seq_idx=seq_idx, activation="silu")  # [2B, c, C]
-            head = min(halo, c)
-            window = torch.cat([halos, seg[:, :head]], dim=1)  # [2B, halo + head, C]
-            if window_idx is not None:
-                window_idx = window_idx[:, : halo + head]
-            fixed = kernels.causal_conv1d(window, weight_CK, bias_C, seq_idx=window_idx, activation="silu")
-            out[:, :head] = fixed[:, halo:]
-            return out.view(xBC_BLC.shape)
+            seq_idx, halo_idx = (None, None) if st is None else (st.seq_idx, st.halo_seq_idx)
+            out = kernels.causal_conv1d(
+                seg, weight_CK, bias_C, seq_idx=seq_idx, activation="silu", history=halos, history_seq_idx=halo_idx
+            )  # [2B, c, C]
+            return out.reshape(xBC_BLC.shape)  # a view for the kernels (contiguous output)
         pk = plan.packed
         x_TC = xBC_BLC[0]
         slots = plan.num_segments * halo
