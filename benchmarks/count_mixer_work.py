@@ -9,7 +9,8 @@ here) and counts, per rank, with a dispatch mode:
 * **matmul FLOPs** (torch's flop counter), split by the dtype the matmul ran in;
 * **bytes written in the forward outside the conv, scan and norm kernels** (and outside in_proj / out_proj,
   which every strategy shares): the strategy's own work (transport packs and gathers, halos, state passing,
-  output corrections), which runs as these same torch ops on a GPU.
+  output corrections), which runs as these same torch ops on a GPU; and **how many ops** wrote them, each one
+  kernel launch there (host time per layer where the GPU work between launches is small).
 
 The SSD scan and the conv run the pure-PyTorch references here, the same for every strategy (all strategies do
 the same scan work per rank: whole sequences for 1/cp of the heads, or 1/cp of the tokens for all heads), so the
@@ -36,11 +37,13 @@ from mamba_cp.testing import run_on_ranks
 
 
 class ByteCounter(TorchDispatchMode):
-    """Bytes written by non-view ops, per op name (ops inside the kernels skipped while ``inside`` is set)."""
+    """Bytes written by non-view ops and how many such ops ran, per op name (ops inside the kernels skipped while
+    ``inside`` is set)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
         self.inside = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -49,6 +52,7 @@ class ByteCounter(TorchDispatchMode):
             flat = out if isinstance(out, list | tuple) else [out]
             size = sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
             self.written[str(func.overloadpacket)] += size
+            self.calls[str(func.overloadpacket)] += 1
         return out
 
 
@@ -113,6 +117,7 @@ def _worker(rank: int, world: int, strategy: str, layout: str, tokens: int, docs
         "written": dict(counter.written),
         "flops": flops.get_total_flops(),
         "outside": sum(v for k, v in outside.written.items() if k.removeprefix("aten.") not in projections),
+        "outside_ops": sum(v for k, v in outside.calls.items() if k.removeprefix("aten.") not in projections),
         "outside_top": {k: v for k, v in outside.written.items() if k.removeprefix("aten.") not in projections},
     }
 
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(THD: {args.docs} documents); GB written by non-view ops, GFLOP of matmuls"
     )
     print(
-        f"{'layout':<6} {'strategy':<14} {'GB written':>11} {'GFLOP':>9} {'fwd GB outside':>15}  "
+        f"{'layout':<6} {'strategy':<14} {'GB written':>11} {'GFLOP':>9} {'fwd GB outside':>15} {'fwd ops':>8}  "
         "largest forward writers outside the kernels (GB)"
     )
     for layout in ("bshd", "thd"):
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             tops = ", ".join(f"{k.removeprefix('aten.')} {v / 1e9:.3f}" for k, v in top)
             print(
                 f"{layout:<6} {strategy:<14} {total:>11.2f} {worst['flops'] / 1e9:>9.1f} "
-                f"{worst['outside'] / 1e9:>15.3f}  {tops}"
+                f"{worst['outside'] / 1e9:>15.3f} {worst['outside_ops']:>8}  {tops}"
             )
             sys.stdout.flush()
     return 0

@@ -52,7 +52,8 @@ outputs are dropped. Channels are not split: a channel slice of a long row spans
 **Our Triton conv** (:mod:`mamba_cp.kernels.triton_conv`): row offsets are ``pos.to(int64) * stride``,
 batch offsets use an int64 program id, the partial-sum index ``b * n_t + pid_t`` is int64 (``b`` is),
 channel offsets (``offs_c``, ``offs_c * 4`` into the weights) stay below ``4 * C`` and seq_idx loads are
-``SEQ + b * stride + pos`` with int64 ``b``: no index limit. Its backward puts ``ceil(L / 256)`` programs
+``SEQ + b * stride + pos`` with int64 ``b``, and the history (``[B, 3, C]``) is read at
+``b * stride + (pos + 3).to(int64) * stride``: no index limit. Its backward puts ``ceil(L / 256)`` programs
 on grid axis y (16,776,960 tokens per call), so it runs through the conv splitter with ``limit=None``.
 
 Cutting the SSD (:func:`ssd_chunk_scan_split`)
