@@ -411,6 +411,10 @@ def test_triton_conv_under_the_interpreter(triton_required):
                 for name, a, r in zip("xwbh", got, want):
                     assert (a - r).abs().max() < 1e-4 * r.abs().max(), (length, width, name, (a - r).abs().max())
                 assert (out - ref).abs().max() < 1e-5
+        # An empty row with a history: nothing to launch but the forward's history block, a zero history gradient.
+        h = torch.randn(2, 3, 32, requires_grad=True)
+        out = triton_conv.causal_conv1d_triton(torch.zeros(2, 0, 32), torch.randn(32, 4), None, history=h)
+        assert out.shape == (2, 0, 32) and torch.equal(torch.autograd.grad(out.sum(), h)[0], torch.zeros_like(h))
         print("ok")
         """
     )

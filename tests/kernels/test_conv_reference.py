@@ -188,8 +188,26 @@ def test_history_shorter_sequence_than_the_filter_and_double_backward() -> None:
             dict(history=torch.zeros(2, 3, 3), history_seq_idx=torch.zeros(2, 2), seq_idx=torch.zeros(2, 5)),
             r"history_seq_idx must be \[B, K-1\]=\(2, 3\)",
         ),
+        (
+            dict(history=torch.zeros(2, 3, 3), history_seq_idx=torch.full((2, 3), 0.5), seq_idx=torch.zeros(2, 5)),
+            "history_seq_idx must be int32 or int64",
+        ),
     ],
 )
 def test_bad_history(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         causal_conv1d_ref(torch.zeros(2, 5, 3), torch.zeros(3, 4), **kw)
+
+
+def test_history_of_an_empty_row_and_bad_ranks() -> None:
+    """``L = 0`` with a history and ``seq_idx``: an empty output, a zero history gradient; wrong ranks are a
+    ValueError from the dispatcher before any kernel."""
+    from mamba_cp import kernels
+
+    h = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    out = kernels.causal_conv1d(torch.zeros(2, 0, 4, dtype=F64), torch.ones(4, 4, dtype=F64), None,
+                                torch.zeros(2, 0, dtype=torch.int32), history=h)  # fmt: skip
+    assert out.shape == (2, 0, 4)
+    assert torch.equal(torch.autograd.grad(out.sum(), h)[0], torch.zeros_like(h))
+    with pytest.raises(ValueError, match=r"x must be \[B, L, C\] and weight \[C, K\]"):
+        kernels.causal_conv1d(torch.zeros(5, 4), torch.zeros(4, 4), history=torch.zeros(5, 3, 4))

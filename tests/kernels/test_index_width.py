@@ -325,6 +325,8 @@ def _conv_results(call, leaf, x_of, w, b, seq, history=None):
 CONV_SPLITS = {
     "pieces": iw.ConvSplit(((0, 1), (1, 2)), ((0, 9), (9, 12), (12, 30))),
     "batch": iw.ConvSplit(((0, 1), (1, 2)), ((0, 30),)),
+    # pieces starting inside the first K-1 tokens: their windows start at token 0, so they read the history too
+    "short_first": iw.ConvSplit(((0, 2),), ((0, 1), (1, 2), (2, 30))),
 }
 
 

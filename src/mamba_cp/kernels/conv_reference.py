@@ -50,6 +50,8 @@ def check_history(
         if history_seq_idx is not None:
             raise ValueError("history_seq_idx is given without history")
         return None
+    if x.dim() != 3 or weight.dim() != 2:
+        raise ValueError(f"x must be [B, L, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     want = (x.shape[0], weight.shape[1] - 1, x.shape[2])
     if tuple(history.shape) != want:
         raise ValueError(f"history must be [B, K-1, C]={want}, got {tuple(history.shape)}")
@@ -60,9 +62,16 @@ def check_history(
             raise ValueError("history_seq_idx needs seq_idx (the ids it is compared with)")
         return None
     if history_seq_idx is None:
+        if seq_idx.shape[1] == 0:  # no token to compare with
+            return seq_idx.new_zeros(want[:2])
         return seq_idx[:, :1].expand(want[0], want[1])
     if tuple(history_seq_idx.shape) != want[:2]:
         raise ValueError(f"history_seq_idx must be [B, K-1]={want[:2]}, got {tuple(history_seq_idx.shape)}")
+    if history_seq_idx.dtype not in (torch.int32, torch.int64) or history_seq_idx.device != x.device:
+        raise ValueError(
+            f"history_seq_idx must be int32 or int64 on {x.device} like x, got {history_seq_idx.dtype} on "
+            f"{history_seq_idx.device}"
+        )
     return history_seq_idx
 
 
@@ -146,7 +155,7 @@ def history_by_window(
 ) -> Tensor:
     """A conv with ``history`` (:func:`causal_conv1d_ref`'s contract) out of a ``conv`` that takes none: ``conv``
     over ``x`` from zeros, then its first ``min(K-1, L)`` outputs recomputed from ``[history | x[:, :K-1]]``
-    windows ``[B, 2(K-1), C]`` and written over (per position the same arithmetic as one conv over
+    windows ``[B, K-1 + min(K-1, L), C]`` and written over (per position the same arithmetic as one conv over
     ``[history | x]``). For kernels without a history input (the ``causal_conv1d`` package's, with ``seq_idx``);
     ``history_seq_idx`` as :func:`check_history` returns it."""
     halo = weight.shape[1] - 1

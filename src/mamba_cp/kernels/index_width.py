@@ -543,7 +543,8 @@ def causal_conv1d_split(
     ``x`` ``[B, L, C]``, ``weight`` ``[C, K]``, ``bias`` ``[C]``, ``seq_idx`` ``[B, L]`` -> ``[B, L, C]``. A token
     piece reads its ``K - 1`` tokens before it and drops their outputs; ``seq_idx`` goes along, so the halo is
     masked where a sequence starts inside it. ``history`` ``[B, K-1, C]`` (and its ids ``[B, K-1]``) goes to the
-    pieces that start a row, cut by the same row blocks. One call that fits is ``conv``'s own call, untouched.
+    pieces whose window starts at token 0, cut by the same row blocks. One call that fits is ``conv``'s own call,
+    untouched.
     """
     if x.dim() != 3 or weight.dim() != 2:
         raise ValueError(f"x must be [B, L, C] and weight [C, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -567,7 +568,8 @@ def causal_conv1d_split(
             windows.append((slice(*r), slice(s0, l1)))
             dst.append((slice(*r), slice(l0, l1)))
             src.append(None if s0 == l0 else (slice(None), slice(l0 - s0, None)))
-            hists.append({k: None if v is None else v[slice(*r)] for k, v in hist.items()} if l0 == 0 else {})
+            # A window that starts at token 0 reads the history (also for a piece starting inside the first K-1).
+            hists.append({k: None if v is None else v[slice(*r)] for k, v in hist.items()} if s0 == 0 else {})
     disjoint = all(s is None for s in src)
     xs = _Windows.apply(x, tuple(windows), limit, disjoint)
     outs = [

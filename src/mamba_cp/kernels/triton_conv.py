@@ -290,7 +290,8 @@ def _pad_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _as_history(history: torch.Tensor | None, history_seq_idx: torch.Tensor | None):
     """``history`` ``[B, K-1, C]`` -> ``[B, 3, C]`` contiguous with ``3 - (K-1)`` leading zero rows (the taps that
-    read them are zero), and its ``[B, K-1]`` ids -> ``[B, 3]`` int32 (the padded rows' ids are never compared)."""
+    read them are zero), and its ``[B, K-1]`` ids -> ``[B, 3]`` int32 (the padded rows get id -1: whatever they
+    compare with, they multiply a zero tap)."""
     if history is None:
         return None, None
     pad = MAX_WIDTH - 1 - history.shape[1]
@@ -342,7 +343,8 @@ class _CausalConv1dFn(torch.autograd.Function):
         dout = _as_rows(dout)
         batch, length, channels = x.shape
         dx = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
-        dhist = torch.empty_like(hist) if hist is not None else None
+        # Program 0 writes every history row; an empty row (L = 0) has no program and no history gradient.
+        dhist = None if hist is None else (torch.empty_like(hist) if length > 0 else torch.zeros_like(hist))
         n_t = triton.cdiv(length, _BWD_TOKENS_PER_PROGRAM)
         dw_part = torch.empty((batch * n_t, 4, channels), device=x.device, dtype=torch.float32)
         db_part = torch.empty((batch * n_t, channels), device=x.device, dtype=torch.float32)
@@ -357,10 +359,10 @@ class _CausalConv1dFn(torch.autograd.Function):
         flags = {"HAS_BIAS": bias_c is not None, "HAS_SEQ": seq is not None}
         flags.update(SILU=ctx.silu, TOKENS_PER_PROGRAM=_BWD_TOKENS_PER_PROGRAM)
         # Program 0 of each row reads the history: its own launch; the others run the history-free kernel.
-        launches = [(0, n_t, False)] if hist is None else [(1, n_t - 1, False), (0, 1, True)]
+        launches = [(0, n_t, False)] if hist is None else [(1, n_t - 1, False), (0, min(n_t, 1), True)]
         with _on_device(x):
             for offset, programs, has_hist in launches:
-                if programs == 0:
+                if programs <= 0:
                     continue
                 if x.is_cuda:
                     grid = lambda meta, n=programs: (triton.cdiv(channels, meta["BLOCK_C"]), n, batch)  # noqa: E731

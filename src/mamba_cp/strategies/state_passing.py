@@ -9,8 +9,9 @@ Each rank holds two *segments* of every sequence (its head-tail chunks ``r`` and
 
 1. **conv1d**: each segment needs the ``K-1`` pre-conv tokens before it. Every rank all-gathers the last
    ``K-1`` tokens of each of its segments (``2*S*(K-1)*C`` values) and picks its halos. BSHD and stream rows:
-   the conv runs on the segment rows with the halos as its ``history`` (one pass, no window, no gradient
-   copies). Packs cut per document: the conv runs on the segments from zero history (``seq_idx`` = segment
+   the conv runs on the segment rows with the halos as its ``history`` (our Triton conv and the reference read
+   it in one pass; for the ``causal_conv1d`` package the kernels module composes it from windows, as below).
+   Packs cut per document: the conv runs on the segments from zero history (``seq_idx`` = segment
    id), and only the first ``K-1`` outputs of each segment, the ones that see the halo, are recomputed from
    small ``[halo | segment head]`` windows and written over. Halos before a sequence start are zeros.
 2. **Summaries**: each segment's final state from a zero state, ``sum_t exp(log decay after t) * dt_t *
