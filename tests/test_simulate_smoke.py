@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mamba_cp.ssm_block import SSMShape
 from mamba_cp.traffic import STRATEGY_BYTES
@@ -254,3 +256,33 @@ def test_report_tables_with_card_memory(sim, tmp_path):
     assert "Longest trainable L: full-depth hybrid with optimizer state" in md and "384K (extrapolated" in md
     assert "| bshd | 128K | 30.0 (oom" not in md and "OOM" in md
     assert "100.0 GiB (total_memory read from the device" in md
+
+
+# ------------------------------------------------------------------------------------------------ pair_rank
+
+
+def test_pair_rank_interleaves_the_steps_and_reports_ratios(tmp_path):
+    """``pair_rank.py``: both strategies' real mixers on one fake group (CPU, tiny model), the step order reversed
+    every other round, and the summary's numbers computed from the recorded times."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import pair_rank
+
+    order: list[str] = []
+    clock = pair_rank.bench.Clock(torch.device("cpu"))
+    steps = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = pair_rank.interleaved(steps, clock, warmup=1, rounds=3)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"] and all(len(v) == 3 for v in times.values())
+    got = pair_rank.summarize({"h": [1.0, 2.0, 4.0, 4.0], "s": [2.0, 2.0, 2.0, 6.0]}, "h", "s")
+    assert got["ratio_of_medians"] == 2.0 / 3.0 and got["round_ratio"] == {"median": 1.25, "min": 0.5, "max": 2.0}
+    assert got["own_drift"] == {"h": 1.5 / 4.0, "s": 1.0 / 2.0}
+    with pytest.raises(ValueError, match="cp must be at least 2"):
+        pair_rank.parse_row("bshd:1K:1")
+
+    argv = ["--rows", "bshd:64:2,stream:128:4", "--rounds", "2", "--warmup", "1", "--docs", "3", "--out", str(tmp_path)]
+    assert pair_rank.main(argv) == 0
+    report = json.loads((tmp_path / "pair_rank.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["bshd:64:2", "stream:128:4"]
+    for row in report["rows"]:
+        med = row["median_ms"]
+        assert row["ratio_of_medians"] == med["state_passing"] / med["hidden"] > 0
+        assert all(len(v) == 2 for v in row["times_ms"].values())
