@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ def parse_row(text: str) -> tuple[str, int, int]:
     return layout, sim._size(length), int(cp)
 
 
-def interleaved(steps: dict[str, callable], clock, warmup: int, rounds: int) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Callable[[], None]], clock, warmup: int, rounds: int) -> dict[str, list[float]]:
     """``rounds`` rounds of one timed step of each of ``steps``, the order reversed every other round, after
     ``warmup`` untimed steps of each: the per-round ms of each step."""
     for _ in range(warmup):

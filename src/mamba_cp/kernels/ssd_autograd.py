@@ -2,9 +2,10 @@
 
 mamba_ssm 2.3.2's ``MambaChunkScanCombinedFn`` saves its output ``out`` ``[B, L, H, P]`` for the backward pass,
 which reads it only when a gate ``z`` is given (for ``dz``; otherwise just its shape), and its chunk cumsum
-``[B, H, L/Q, Q]``, which the backward recomputes. Where the library passes the output on (state passing adds the
-incoming states' part in another kernel; hidden-parallel sends it through an all-to-all), the saved ``out`` is a
-second ``[B, L, H, P]`` activation per layer that nothing reads: 16 KB per token in bfloat16 for 128 heads of 64.
+``[B, H, L/Q, Q]``, which the backward recomputes. Where the library passes the output on (hidden-parallel sends
+it through an all-to-all; state passing's packs cut per document add the incoming states' part in another kernel),
+the saved ``out`` is a second ``[B, L, H, P]`` activation per layer that nothing reads: 16 KB per token in bfloat16
+for 128 heads of 64. Where the norm takes it directly, saving it only keeps it alive past the norm's backward.
 
 :class:`ChunkScan` runs the package's own forward and backward functions (``_mamba_chunk_scan_combined_fwd`` /
 ``_bwd``: the same kernels, the same arithmetic, the same gradients) and saves the gated output only when ``z`` is
@@ -74,9 +75,8 @@ def chunk_scan(
     return_final_states: bool = False,
 ):
     """``mamba_chunk_scan_combined`` through :class:`ChunkScan` (where :func:`load` finds the functions): ``x``
-    ``[B, L, H, P]``,
-    ``dt`` ``[B, L, H]``, ``A`` ``[H]``, ``B``/``C`` ``[B, L, G, N]`` -> ``y`` ``[B, L, H, P]`` (and the final
-    states ``[B, H, P, N]`` float32)."""
+    ``[B, L, H, P]``, ``dt`` ``[B, L, H]``, ``A`` ``[H]``, ``B``/``C`` ``[B, L, G, N]`` -> ``y`` ``[B, L, H, P]``
+    (and the final states ``[B, H, P, N]`` float32)."""
     return ChunkScan.apply(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, tuple(dt_limit),
         return_final_states,
